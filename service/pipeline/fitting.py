@@ -1,0 +1,133 @@
+"""Fit and score a dataset whose features sit in an :class:`EmbeddingStore`.
+
+Statistics are accumulated chunk by chunk and cached per prefix of chunks, so fitting again
+after new items were added only reads the new chunks for the statistics. Scoring is one more
+pass over the stored features; memory stays O(chunk x D + K x D + D^2).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from service.statistics import (
+    GaussianModel,
+    Shrinkage,
+    SufficientStatistics,
+    fit_gaussians,
+    normalize_features,
+)
+from service.storage.embeddings import EmbeddingStore
+from service.storage.files import atomic_savez, load_npz
+
+Progress = Callable[[int, int], None]  # (done, total) samples
+
+SCORE_COLUMNS = ("sample_id", "label", "rmd", "md_class", "md_agnostic", "rmd_min", "predicted_label")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model: GaussianModel
+    scores: pa.Table
+
+
+def labelled_statistics(
+    store: EmbeddingStore, *, normalize: bool, progress: Progress | None = None
+) -> SufficientStatistics:
+    """Statistics of the labelled samples in the store, reusing the cached prefix."""
+    indices = store.chunk_indices()
+    tag = "normalized" if normalize else "raw"
+    cached = _latest_cache(store, tag, indices)
+    stats: SufficientStatistics | None = None
+    start = 0
+    if cached is not None:
+        start, path = cached
+        stats = SufficientStatistics.from_arrays(load_npz(path))
+    done = 0
+    total = len(indices)
+    for index in indices[start:]:
+        chunk = store.read_chunk(index)
+        features = normalize_features(chunk.features) if normalize else chunk.features
+        if stats is None:
+            stats = SufficientStatistics(dim=features.shape[1])
+        keep = chunk.labels != ""
+        if keep.any():
+            stats.update(features[keep], chunk.labels[keep].tolist(), chunk.sample_ids[keep].tolist())
+        done += 1
+        if progress:
+            progress(done, total - start)
+    if stats is None:
+        raise ValueError("the dataset has no embedded samples yet")
+    if indices and (cached is None or cached[0] != len(indices)):
+        atomic_savez(store.directory / f"stats-{tag}-upto-{len(indices):06d}.npz", stats.to_arrays())
+    return stats
+
+
+def _latest_cache(store: EmbeddingStore, tag: str, indices: list[int]) -> tuple[int, object] | None:
+    # A cache "upto-k" covers chunks 0..k-1; valid only while those chunks are unchanged,
+    # which holds because chunks are append-only.
+    pattern = re.compile(rf"^stats-{tag}-upto-(\d{{6}})\.npz$")
+    best = None
+    if not store.directory.is_dir():
+        return None
+    for p in store.directory.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) <= len(indices) and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return best
+
+
+def score_store(
+    model: GaussianModel, store: EmbeddingStore, progress: Progress | None = None
+) -> pa.Table:
+    """Scores of every labelled sample in the store, as an Arrow table (SCORE_COLUMNS)."""
+    parts: list[pa.Table] = []
+    total = store.count() if progress else 0
+    done = 0
+    for chunk in store.iter_chunks():
+        keep = chunk.labels != ""
+        if not keep.any():
+            continue
+        labels = chunk.labels[keep]
+        s = model.score(chunk.features[keep], labels.tolist())
+        parts.append(
+            pa.table(
+                {
+                    "sample_id": pa.array(chunk.sample_ids[keep].tolist(), pa.string()),
+                    "label": pa.array(labels.tolist(), pa.string()),
+                    "rmd": s["rmd"],
+                    "md_class": s["md_class"],
+                    "md_agnostic": s["md_agnostic"],
+                    "rmd_min": s["rmd_min"],
+                    "predicted_label": pa.array(s["predicted_label"].tolist(), pa.string()),
+                }
+            )
+        )
+        done += len(chunk.sample_ids)
+        if progress:
+            progress(done, total)
+    if not parts:
+        raise ValueError("the dataset has no labelled samples to score")
+    return pa.concat_tables(parts)
+
+
+def fit_store(
+    store: EmbeddingStore,
+    *,
+    normalize: bool = True,
+    shrinkage: Shrinkage = "auto",
+    progress: Progress | None = None,
+) -> FitResult:
+    stats = labelled_statistics(store, normalize=normalize)
+    if len(stats.classes) < 1:
+        raise ValueError("no labelled samples")
+    model = fit_gaussians(stats, shrinkage, normalized=normalize)
+    return FitResult(model, score_store(model, store, progress))
+
+
+def to_numpy_scores(table: pa.Table) -> dict[str, np.ndarray]:
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}

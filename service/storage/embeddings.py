@@ -1,0 +1,95 @@
+"""Embeddings of one dataset on disk: numbered chunks, each written atomically.
+
+Layout of a store directory::
+
+    chunk-000000.npz   sample_ids (str), labels (str; "" = unlabelled), features (float32 n x D)
+    chunk-000001.npz   ...
+
+A chunk file exists only once it is complete (temp file + rename), so an interrupted run
+resumes after the last chunk present. Chunk numbers are dense: the store refuses gaps.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.storage.files import atomic_savez, load_npz
+
+_CHUNK = re.compile(r"^chunk-(\d{6})\.npz$")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    sample_ids: np.ndarray  # (n,) str
+    labels: np.ndarray  # (n,) str, "" where unlabelled
+    features: np.ndarray  # (n, D) float32
+
+
+class EmbeddingStore:
+    """Append-only chunked feature matrix with sample IDs and labels."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def chunk_indices(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = sorted(
+            int(m.group(1)) for p in self.directory.iterdir() if (m := _CHUNK.match(p.name))
+        )
+        return found
+
+    def next_index(self) -> int:
+        indices = self.chunk_indices()
+        return indices[-1] + 1 if indices else 0
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"chunk-{index:06d}.npz"
+
+    def write_chunk(
+        self,
+        index: int,
+        sample_ids: Sequence[str],
+        labels: Sequence[str | None],
+        features: np.ndarray,
+    ) -> Chunk:
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[0] != len(sample_ids) != len(labels):
+            raise ValueError("chunk sample_ids, labels and feature rows must agree")
+        if len(labels) != len(sample_ids):
+            raise ValueError("chunk sample_ids and labels must have the same length")
+        ids = np.asarray([str(s) for s in sample_ids], dtype=np.str_)
+        labs = np.asarray(["" if x is None else str(x) for x in labels], dtype=np.str_)
+        atomic_savez(self.path(index), {"sample_ids": ids, "labels": labs, "features": features})
+        return Chunk(index, ids, labs, features)
+
+    def read_chunk(self, index: int) -> Chunk:
+        data = load_npz(self.path(index))
+        return Chunk(index, data["sample_ids"], data["labels"], data["features"])
+
+    def iter_chunks(self) -> Iterator[Chunk]:
+        for index in self.chunk_indices():
+            yield self.read_chunk(index)
+
+    def count(self) -> int:
+        return sum(len(c.sample_ids) for c in self.iter_chunks())
+
+    def dim(self) -> int | None:
+        for chunk in self.iter_chunks():
+            return int(chunk.features.shape[1])
+        return None
+
+    def sample_ids(self) -> np.ndarray:
+        parts = [c.sample_ids for c in self.iter_chunks()]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.str_)
+
+    def features(self) -> np.ndarray:
+        """All features in one (N, D) float32 array (one copy of the matrix)."""
+        parts = [c.features for c in self.iter_chunks()]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,66 @@
+"""Files under the data directory: atomic writes and paths that cannot escape their root."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+
+class UnsafePathError(ValueError):
+    """A path would resolve outside the directory it must stay in."""
+
+
+def safe_join(root: Path, relative: str | os.PathLike[str]) -> Path:
+    """``root / relative``, refusing absolute paths, ``..`` and anything resolving outside."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise UnsafePathError(f"path {str(relative)!r} is absolute or contains '..'")
+    root_resolved = root.resolve()
+    target = (root_resolved / rel).resolve()
+    if target != root_resolved and root_resolved not in target.parents:
+        raise UnsafePathError(f"path {str(relative)!r} resolves outside {root}")
+    return target
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through ``write(fileobj)`` to a temporary file beside ``path``, fsync, rename.
+
+    Readers see either the old file or the complete new one, never a partial write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """``np.savez`` (uncompressed, no pickles) written atomically."""
+
+    def write(fh: BinaryIO) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        fh.write(buffer.getbuffer())
+
+    return atomic_write(path, write)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
