@@ -13,7 +13,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from service.ingest.features import InputError, check_lengths, load_embeddings, load_ids, load_labels
+from service.ingest.features import (
+    InputError,
+    check_lengths,
+    load_embeddings,
+    load_ids,
+    load_labels,
+)
 from service.pipeline.fitting import fit_store
 from service.statistics import FitError
 from service.storage.embeddings import EmbeddingStore

@@ -47,17 +47,17 @@ def labelled_statistics(
     if cached is not None:
         start, path = cached
         stats = SufficientStatistics.from_arrays(load_npz(path))
-    done = 0
     total = len(indices)
-    for index in indices[start:]:
+    for done, index in enumerate(indices[start:], start=1):
         chunk = store.read_chunk(index)
-        features = normalize_features(chunk.features) if normalize else chunk.features
+        features = chunk.features.astype(np.float64)
+        if normalize:
+            features = normalize_features(features)
         if stats is None:
             stats = SufficientStatistics(dim=features.shape[1])
         keep = chunk.labels != ""
         if keep.any():
             stats.update(features[keep], chunk.labels[keep].tolist(), chunk.sample_ids[keep].tolist())
-        done += 1
         if progress:
             progress(done, total - start)
     if stats is None:

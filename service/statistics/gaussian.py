@@ -111,7 +111,7 @@ class GaussianModel:
             z = np.asarray(x[start:stop], dtype=np.float64)
             if self.normalized:
                 z = normalize_features(z)
-            z -= self.mean_agnostic
+            z = z - self.mean_agnostic  # never in place: z may be the caller's array
             w = z @ self._whiten.T
             w0 = z @ self._whiten_agnostic.T
             md0 = np.einsum("nd,nd->n", w0, w0)

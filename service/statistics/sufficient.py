@@ -60,7 +60,7 @@ class SufficientStatistics:
         self, features: np.ndarray, labels: Sequence[str], sample_ids: Sequence[str]
     ) -> SufficientStatistics:
         """Add a chunk of labelled features in place; returns self."""
-        x = np.asarray(features, dtype=np.float64)
+        x = np.array(features, dtype=np.float64)  # a copy: centred in place below
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must have shape (n, {self.dim}), got {x.shape}")
         n = x.shape[0]

@@ -1,0 +1,68 @@
+"""Fitting a chunked store: equals a one-shot fit, and refits reuse cached statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.pipeline.fitting import SCORE_COLUMNS, fit_store, labelled_statistics
+from service.statistics import SufficientStatistics, fit_gaussians, normalize_features
+from service.storage.embeddings import EmbeddingStore
+
+
+def make(rng, n=900, d=6, k=3):
+    means = rng.normal(scale=2.0, size=(k, d))
+    y = rng.integers(0, k, size=n)
+    return (means[y] + rng.normal(size=(n, d))).astype(np.float32), [f"c{v}" for v in y]
+
+
+def write(store, x, labels, ids, chunk=200, start_index=0):
+    for i, s in enumerate(range(0, len(ids), chunk)):
+        store.write_chunk(start_index + i, ids[s : s + chunk], labels[s : s + chunk], x[s : s + chunk])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_store_fit_equals_one_shot(tmp_path, normalize):
+    rng = np.random.default_rng(0)
+    x, labels = make(rng)
+    ids = [f"img/{i}.png" for i in range(len(x))]
+    store = EmbeddingStore(tmp_path / "emb")
+    write(store, x, labels, ids)
+    result = fit_store(store, normalize=normalize, shrinkage="auto")
+    assert tuple(result.scores.column_names) == SCORE_COLUMNS
+    feats = normalize_features(x.astype(np.float64)) if normalize else x
+    direct = fit_gaussians(SufficientStatistics(dim=6).update(feats, labels, ids), "auto", normalized=normalize)
+    expected = direct.score(x, labels)
+    np.testing.assert_allclose(result.scores.column("rmd").to_numpy(), expected["rmd"], rtol=1e-7, atol=1e-9)
+    assert result.scores.column("sample_id").to_pylist() == ids
+
+
+def test_refit_after_append_reads_only_new_chunks(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    x, labels = make(rng, n=1000)
+    ids = [str(i) for i in range(1000)]
+    store = EmbeddingStore(tmp_path / "emb")
+    write(store, x[:600], labels[:600], ids[:600])
+    labelled_statistics(store, normalize=True)
+    write(store, x[600:], labels[600:], ids[600:], start_index=store.next_index())
+
+    read = []
+    original = store.read_chunk
+    monkeypatch.setattr(store, "read_chunk", lambda i: read.append(i) or original(i))
+    stats = labelled_statistics(store, normalize=True)
+    assert read == [3, 4]  # chunks 0-2 came from the cached statistics
+    full = SufficientStatistics(dim=6).update(normalize_features(x.astype(np.float64)), labels, ids)
+    np.testing.assert_allclose(
+        fit_gaussians(stats, 0.1).covariance, fit_gaussians(full, 0.1).covariance, rtol=1e-9, atol=1e-13
+    )
+
+
+def test_unlabelled_rows_are_not_fitted_or_scored(tmp_path):
+    rng = np.random.default_rng(2)
+    x, labels = make(rng, n=400)
+    labels = [lab if i % 4 else None for i, lab in enumerate(labels)]
+    store = EmbeddingStore(tmp_path / "emb")
+    store.write_chunk(0, [str(i) for i in range(400)], labels, x)
+    result = fit_store(store, shrinkage=0.1)
+    assert result.scores.num_rows == 300
+    assert result.model.count == 300
