@@ -1,0 +1,212 @@
+"""DifficultyClient against a tiny in-test HTTP server speaking the service's wire contract:
+bulk Arrow scores, caching per fit, retries with backoff, and the typed errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+from trainer.client import (
+    AuthenticationError,
+    DatasetNotFittedError,
+    DatasetNotFoundError,
+    DifficultyClient,
+    DifficultyClientError,
+    ServiceUnavailableError,
+)
+
+KEY = "secret-key"
+
+
+def scores_stream(fit: str) -> bytes:
+    # The score values depend on the fit so a test can tell which fit it got.
+    offset = 0.0 if fit == "fit-1" else 100.0
+    table = pa.table(
+        {
+            "sample_id": ["a/1.png", "b/2.png", "a/3.png"],
+            "label": ["a", "b", "a"],
+            "rmd": [1.0 + offset, -2.0 + offset, 0.5 + offset],
+            "md_class": [10.0, 8.0, 9.0],
+            "md_agnostic": [9.0, 10.0, 8.5],
+            "rmd_min": [0.0, -2.0, 0.5],
+            "predicted_label": ["b", "b", "a"],
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+class FakeService:
+    """State of the fake: datasets, their current fit, failures to inject, request log."""
+
+    def __init__(self) -> None:
+        self.fits: dict[str, str | None] = {"ds1": "fit-1", "unfitted": None}
+        self.fail_next = 0  # answer this many requests with 503 first
+        self.log: list[str] = []
+
+
+def make_handler(state: FakeService) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output clean
+            pass
+
+        def _json(self, status: int, body: object) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            url = urlparse(self.path)
+            state.log.append(url.path + ("?" + url.query if url.query else ""))
+            if state.fail_next > 0:
+                state.fail_next -= 1
+                return self._json(503, {"detail": "try again"})
+            if self.headers.get("Authorization") != f"Bearer {KEY}":
+                return self._json(401, {"detail": "missing or unknown API key"})
+            parts = url.path.strip("/").split("/")
+            if len(parts) < 3 or parts[:2] != ["v1", "datasets"] or parts[2] not in state.fits:
+                return self._json(404, {"detail": "dataset not found"})
+            fit = state.fits[parts[2]]
+            if len(parts) == 3:
+                body = {"id": parts[2], "name": parts[2], "encoder": "precomputed", "num_items": 3}
+                body["fit"] = (
+                    None if fit is None else {"id": fit, "created_at": "2026-01-01T00:00:00Z"}
+                )
+                return self._json(200, body)
+            if parts[3:] == ["scores"] and "format=arrow" in url.query:
+                if fit is None:
+                    return self._json(409, {"detail": "dataset is not fitted yet"})
+                data = scores_stream(fit)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.apache.arrow.stream")
+                self.send_header("X-Fit-Id", fit)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return None
+            return self._json(404, {"detail": "no route"})
+
+    return Handler
+
+
+@pytest.fixture()
+def service():
+    state = FakeService()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def client_for(service, tmp_path, key=KEY, **kw) -> DifficultyClient:
+    sleeps: list[float] = []
+    client = DifficultyClient(
+        service.base_url, key, cache_dir=tmp_path / "cache", sleep=sleeps.append, **kw
+    )
+    client.sleeps = sleeps  # type: ignore[attr-defined]
+    return client
+
+
+def test_fetch_scores_then_cache_hit(service, tmp_path):
+    with client_for(service, tmp_path) as client:
+        table = client.scores("ds1")
+        assert table.column("sample_id").to_pylist() == ["a/1.png", "b/2.png", "a/3.png"]
+        assert table.column("rmd").to_pylist() == [1.0, -2.0, 0.5]
+        assert sum("/scores" in p for p in service.log) == 1
+        again = client.scores("ds1")
+        assert again.equals(table)
+        # Second call: metadata only (checks the key and the fit), no second bulk download.
+        assert sum("/scores" in p for p in service.log) == 1
+        assert service.log.count("/v1/datasets/ds1") == 2
+
+
+def test_refetch_after_new_fit(service, tmp_path):
+    with client_for(service, tmp_path) as client:
+        assert client.scores("ds1").column("rmd")[0].as_py() == 1.0
+        service.fits["ds1"] = "fit-2"  # the dataset was fitted again
+        assert client.scores("ds1").column("rmd")[0].as_py() == 101.0
+        assert sum("/scores" in p for p in service.log) == 2
+        # refresh=True bypasses the cache.
+        client.scores("ds1", refresh=True)
+        assert sum("/scores" in p for p in service.log) == 3
+
+
+def test_cache_is_shared_across_clients_and_survives_corruption(service, tmp_path):
+    with client_for(service, tmp_path) as client:
+        client.scores("ds1")
+    entries = list((tmp_path / "cache").rglob("*.arrows"))
+    assert len(entries) == 1
+    entries[0].write_bytes(b"garbage")
+    with client_for(service, tmp_path) as client:
+        assert client.scores("ds1").num_rows == 3  # refetched, not trusted
+    assert sum("/scores" in p for p in service.log) == 2
+
+
+def test_retries_transient_failures_with_backoff(service, tmp_path):
+    service.fail_next = 2
+    with client_for(service, tmp_path, retries=3, backoff=0.5) as client:
+        assert client.scores("ds1").num_rows == 3
+        assert len(client.sleeps) == 2
+        # Exponential with jitter in [0.5, 1] x base: base 0.5 then 1.0.
+        assert 0.25 <= client.sleeps[0] <= 0.5 and 0.5 <= client.sleeps[1] <= 1.0
+
+
+def test_gives_up_after_retries(service, tmp_path):
+    service.fail_next = 100
+    with (
+        client_for(service, tmp_path, retries=2) as client,
+        pytest.raises(ServiceUnavailableError, match="3 attempts.*503"),
+    ):
+        client.scores("ds1")
+
+
+def test_connection_refused_is_retried_then_reported(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sleeps: list[float] = []
+    client = DifficultyClient(
+        f"http://127.0.0.1:{port}", KEY, cache_dir=tmp_path, retries=2, sleep=sleeps.append
+    )
+    with pytest.raises(ServiceUnavailableError, match="ConnectError"):
+        client.scores("ds1")
+    assert len(sleeps) == 2
+
+
+def test_unknown_dataset(service, tmp_path):
+    with client_for(service, tmp_path) as client, pytest.raises(DatasetNotFoundError):
+        client.scores("nope")
+
+
+def test_not_fitted(service, tmp_path):
+    with client_for(service, tmp_path) as client, pytest.raises(DatasetNotFittedError, match="fit"):
+        client.scores("unfitted")
+
+
+def test_refused_key(service, tmp_path):
+    for key in ("wrong", None):
+        with client_for(service, tmp_path, key=key) as client, pytest.raises(AuthenticationError):
+            client.scores("ds1")
+    assert issubclass(AuthenticationError, DifficultyClientError)
+
+
+def test_dataset_ids_cannot_escape_cache(service, tmp_path):
+    service.fits["../../etc"] = "fit-1"
+    with client_for(service, tmp_path) as client:
+        path = client._cache_path("../../etc", "../x")
+        assert (tmp_path / "cache") in path.parents

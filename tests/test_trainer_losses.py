@@ -1,0 +1,137 @@
+"""Losses pinned on hand-computed cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.losses import (
+    ConfidencePenaltyLoss,
+    CrossEntropyLoss,
+    DifficultyAwareLoss,
+    FocalLoss,
+    LabelSmoothingLoss,
+    build_loss,
+    difficulty_weights,
+    entropy,
+)
+
+# logits (ln 3, 0) -> p = (0.75, 0.25); logits (0, 0) -> p = (0.5, 0.5).
+LOGITS = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]], dtype=torch.float64)
+TARGETS = torch.tensor([0, 1])
+H_75 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+LN2 = math.log(2.0)
+
+
+def test_entropy_hand_computed_and_saturated():
+    assert entropy(LOGITS).tolist() == pytest.approx([H_75, LN2])
+    saturated = entropy(torch.tensor([[1000.0, -1000.0]]))
+    assert torch.isfinite(saturated).all() and saturated.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cross_entropy():
+    per = CrossEntropyLoss().per_sample(LOGITS, TARGETS)
+    assert per.tolist() == pytest.approx([-math.log(0.75), LN2])
+    assert CrossEntropyLoss()(LOGITS, TARGETS).item() == pytest.approx((-math.log(0.75) + LN2) / 2)
+
+
+def test_label_smoothing():
+    # eps = 0.2, K = 2: target distribution (0.9, 0.1) for class 0.
+    per = LabelSmoothingLoss(0.2).per_sample(LOGITS, TARGETS)
+    assert per[0].item() == pytest.approx(-(0.9 * math.log(0.75) + 0.1 * math.log(0.25)))
+    assert per[1].item() == pytest.approx(LN2)
+
+
+def test_focal():
+    per = FocalLoss(gamma=2.0).per_sample(LOGITS, TARGETS)
+    assert per[0].item() == pytest.approx(-(0.25**2) * math.log(0.75))
+    assert per[1].item() == pytest.approx(0.25 * LN2)
+    # gamma = 0 is cross-entropy.
+    assert torch.allclose(
+        FocalLoss(0.0).per_sample(LOGITS, TARGETS), CrossEntropyLoss().per_sample(LOGITS, TARGETS)
+    )
+
+
+def test_confidence_penalty():
+    per = ConfidencePenaltyLoss(beta=0.5).per_sample(LOGITS, TARGETS)
+    assert per.tolist() == pytest.approx([-math.log(0.75) - 0.5 * H_75, LN2 - 0.5 * LN2])
+
+
+def test_difficulty_weights_formula():
+    assert difficulty_weights([0.0, 1.0, 2.0], 1.0) == pytest.approx(np.exp([-2.0, -1.0, 0.0]))
+    t = math.sqrt(2.0 / 3.0)  # population std of (0, 1, 2)
+    assert difficulty_weights([0.0, 1.0, 2.0], "auto") == pytest.approx(
+        np.exp(np.array([-2.0, -1.0, 0.0]) / t)
+    )
+    assert difficulty_weights([5.0, 5.0], "auto").tolist() == [1.0, 1.0]
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            difficulty_weights([0.0, 1.0], bad)
+    with pytest.raises(ValueError):
+        difficulty_weights([0.0, float("inf")], 1.0)
+
+
+def test_difficulty_aware_loss_looks_up_by_index():
+    # scores (0, 1, 2), T = 1 -> weights (e^-2, e^-1, 1); batch = samples 2 and 0.
+    loss = DifficultyAwareLoss.from_scores([0.0, 1.0, 2.0], alpha=0.5, temperature=1.0).double()
+    per = loss.per_sample(LOGITS, TARGETS, torch.tensor([2, 0]))
+    expected = [-math.log(0.75) - 0.5 * 1.0 * H_75, LN2 - 0.5 * math.exp(-2.0) * LN2]
+    assert per.tolist() == pytest.approx(expected, rel=1e-6)
+    assert loss(LOGITS, TARGETS, torch.tensor([2, 0])).item() == pytest.approx(
+        sum(expected) / 2, rel=1e-6
+    )
+
+
+def test_difficulty_aware_loss_limits_and_errors():
+    zero = DifficultyAwareLoss([1.0, 1.0], alpha=0.0)
+    idx = torch.tensor([0, 1])
+    assert torch.allclose(
+        zero.per_sample(LOGITS.float(), TARGETS, idx),
+        CrossEntropyLoss().per_sample(LOGITS.float(), TARGETS),
+    )
+    # All weights 1 = constant entropy regularisation with beta = alpha.
+    ones = DifficultyAwareLoss([1.0, 1.0], alpha=0.3)
+    assert torch.allclose(
+        ones.per_sample(LOGITS.float(), TARGETS, idx),
+        ConfidencePenaltyLoss(0.3).per_sample(LOGITS.float(), TARGETS),
+    )
+    with pytest.raises(ValueError, match="indices"):
+        ones(LOGITS, TARGETS)
+    with pytest.raises(ValueError):
+        DifficultyAwareLoss([], alpha=1.0)
+    with pytest.raises(ValueError):
+        DifficultyAwareLoss([1.0], alpha=-1.0)
+
+
+def test_difficulty_loss_raises_entropy_of_hard_samples():
+    # One gradient step on a hard sample's logits: the entropy term pushes them apart less than
+    # plain CE does, so the resulting prediction is less confident.
+    logits0 = torch.tensor([[2.0, 0.0, 0.0]])
+    target = torch.tensor([0])
+
+    def step(loss_fn):
+        logits = logits0.clone().requires_grad_(True)
+        loss_fn(logits, target, torch.tensor([0])).backward()
+        return torch.softmax(logits - 1.0 * logits.grad, -1).max().item()
+
+    assert step(DifficultyAwareLoss([1.0], alpha=1.0)) < step(CrossEntropyLoss())
+
+
+def test_build_loss_names():
+    assert isinstance(build_loss("ce"), CrossEntropyLoss)
+    assert isinstance(build_loss("ls", smoothing=0.05), LabelSmoothingLoss)
+    assert isinstance(build_loss("focal"), FocalLoss)
+    assert isinstance(build_loss("er"), ConfidencePenaltyLoss)
+    assert isinstance(build_loss("difficulty", weights=np.ones(3)), DifficultyAwareLoss)
+    with pytest.raises(ValueError):
+        build_loss("difficulty")
+    with pytest.raises(ValueError):
+        build_loss("nope")
+
+
+def test_weights_follow_module_device_and_dtype():
+    loss = DifficultyAwareLoss([0.5, 1.0], alpha=1.0)
+    assert "weights" in dict(loss.named_buffers())
+    out = loss(LOGITS.half().float(), TARGETS, torch.tensor([1, 0]))
+    assert out.dtype == torch.float32

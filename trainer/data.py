@@ -1,0 +1,193 @@
+"""Join a user's training samples with the service's difficulty scores by sample ID.
+
+The service identifies samples by ID: for an uploaded ImageFolder archive, the path inside the
+archive (``cat/001.png``), which is the path relative to the folder's root here; for uploaded
+embeddings, the IDs sent with them (default: the row index as text). :class:`ScoredDataset`
+wraps any map-style dataset, yields ``(x, y, index)`` and holds the per-sample weight table that
+:class:`trainer.losses.DifficultyAwareLoss` indexes with ``index``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+from torch.utils.data import Dataset
+
+from trainer.losses import Temperature, resolve_temperature
+
+MissingPolicy = Literal["error", "drop", "zero-weight"]
+MISSING_POLICIES: tuple[str, ...] = ("error", "drop", "zero-weight")
+
+
+class ScoreTable:
+    """Scores of one fitted dataset, by sample ID. ``column`` picks the score (default ``rmd``,
+    the difficulty w.r.t. the given label; ``rmd_min`` is the label-free one)."""
+
+    def __init__(
+        self,
+        sample_ids: Sequence[str],
+        scores: Sequence[float] | np.ndarray,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        self.sample_ids = [str(s) for s in sample_ids]
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.labels = None if labels is None else [str(v) for v in labels]
+        if self.scores.shape != (len(self.sample_ids),):
+            raise ValueError("one score per sample ID expected")
+        if len(self.sample_ids) == 0:
+            raise ValueError("the score table is empty")
+        if not np.isfinite(self.scores).all():
+            raise ValueError("the score table contains NaN or inf scores")
+        self.row = {sid: i for i, sid in enumerate(self.sample_ids)}
+        if len(self.row) != len(self.sample_ids):
+            raise ValueError("the score table has duplicate sample IDs")
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table, column: str = "rmd") -> ScoreTable:
+        for name in ("sample_id", column):
+            if name not in table.column_names:
+                raise ValueError(f"score table has no column {name!r} (has {table.column_names})")
+        labels = table.column("label").to_pylist() if "label" in table.column_names else None
+        return cls(
+            table.column("sample_id").to_pylist(),
+            table.column(column).to_numpy(zero_copy_only=False),
+            labels,
+        )
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], column: str = "rmd") -> ScoreTable:
+        """A score file written by ``difficulty score`` (.parquet, .arrow, .csv) or a cached
+        Arrow stream."""
+        return cls.from_arrow(read_table(path), column)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def temperature(self, temperature: Temperature = "auto") -> float:
+        """T over the whole dataset's scores ("auto": their std), never per batch or subset."""
+        return resolve_temperature(self.scores, temperature)
+
+    def weights_for(
+        self, sample_ids: Sequence[str], temperature: Temperature = "auto"
+    ) -> np.ndarray:
+        """``exp((s_i - max_j s_j) / T)`` with max and T over the whole table; NaN where absent."""
+        t = self.temperature(temperature)
+        top = self.scores.max()
+        rows = np.array([self.row.get(str(s), -1) for s in sample_ids], dtype=np.int64)
+        out = np.full(len(rows), np.nan)
+        found = rows >= 0
+        out[found] = np.exp((self.scores[rows[found]] - top) / t)
+        return out
+
+
+def read_table(path: str | os.PathLike[str]) -> pa.Table:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pq.read_table(path)
+    if suffix == ".csv":
+        return pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                column_types={
+                    "sample_id": pa.string(),
+                    "label": pa.string(),
+                    "predicted_label": pa.string(),
+                }
+            ),
+        )
+    data = pa.memory_map(str(path))
+    try:  # .arrow may be the IPC file format (difficulty score) or a stream (the service)
+        return ipc.open_file(data).read_all()
+    except pa.ArrowInvalid:
+        data.seek(0)
+        return ipc.open_stream(data).read_all()
+
+
+class ScoredDataset(Dataset):
+    """``base`` (any map-style dataset yielding ``(x, y)``) joined with scores by sample ID.
+
+    Yields ``(x, y, index)``: ``index`` is the position in this wrapper and keys
+    :attr:`weights`. Samples the table does not know follow ``missing``:
+    ``"error"`` (default) raises, listing some of them; ``"drop"`` leaves them out;
+    ``"zero-weight"`` keeps them with weight 0, i.e. plain cross-entropy for them.
+    With ``base_labels`` (label names per base sample) a label that differs from the one the
+    service was given raises: it almost always means the wrong dataset ID.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        sample_ids: Sequence[str],
+        scores: ScoreTable,
+        *,
+        temperature: Temperature = "auto",
+        missing: MissingPolicy = "error",
+        base_labels: Sequence[str] | None = None,
+    ) -> None:
+        if missing not in MISSING_POLICIES:
+            raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
+        if len(sample_ids) != len(base):  # type: ignore[arg-type]
+            raise ValueError(f"{len(sample_ids)} sample IDs for a dataset of {len(base)} samples")  # type: ignore[arg-type]
+        self.base = base
+        weights = scores.weights_for(sample_ids, temperature)
+        absent = np.flatnonzero(np.isnan(weights))
+        self.num_missing = len(absent)
+        if len(absent) and missing == "error":
+            examples = ", ".join(repr(sample_ids[i]) for i in absent[:5])
+            raise KeyError(
+                f"{len(absent)} of {len(sample_ids)} samples have no difficulty score (e.g. {examples}); "
+                "check the dataset ID and sample IDs, or choose missing='drop' / 'zero-weight'"
+            )
+        keep = np.arange(len(sample_ids))
+        if missing == "drop":
+            keep = np.flatnonzero(~np.isnan(weights))
+            if len(keep) == 0:
+                raise ValueError("no sample has a difficulty score: nothing left to train on")
+        self.positions = keep
+        self.sample_ids = [str(sample_ids[i]) for i in keep]
+        self.weights = np.nan_to_num(weights[keep], nan=0.0).astype(np.float32)
+        self.temperature = scores.temperature(temperature)
+        if base_labels is not None and scores.labels is not None:
+            _check_labels(self.sample_ids, [base_labels[i] for i in keep], scores)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        x, y = self.base[int(self.positions[index])]
+        return x, y, index
+
+
+def _check_labels(sample_ids: Sequence[str], labels: Sequence[str], scores: ScoreTable) -> None:
+    assert scores.labels is not None
+    bad = [
+        (sid, lab, scores.labels[scores.row[sid]])
+        for sid, lab in zip(sample_ids, labels, strict=True)
+        if sid in scores.row and str(lab) != scores.labels[scores.row[sid]]
+    ]
+    if bad:
+        examples = "; ".join(f"{sid}: here {a!r}, service {b!r}" for sid, a, b in bad[:3])
+        raise ValueError(
+            f"{len(bad)} samples carry a different label than the service was given ({examples}); "
+            "is this the right dataset ID?"
+        )
+
+
+def image_folder_sample_ids(dataset: Any) -> list[str]:
+    """Sample IDs of a torchvision ImageFolder: each file's path relative to the root, with '/'
+    separators, as the service names the members of an uploaded ImageFolder archive."""
+    root = Path(dataset.root)
+    return [Path(path).relative_to(root).as_posix() for path, _ in dataset.samples]
+
+
+def image_folder_labels(dataset: Any) -> list[str]:
+    return [dataset.classes[target] for _, target in dataset.samples]

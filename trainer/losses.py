@@ -1,0 +1,184 @@
+"""Training losses, all ``torch.nn.Module`` with one signature: ``loss(logits, targets, indices)``.
+
+``indices`` are positions in the training set (what :class:`trainer.data.ScoredDataset` yields);
+only the difficulty-aware loss uses them, the others accept and ignore them so a training loop
+can swap losses without changing a line.
+
+Difficulty-aware entropy regularisation (SPEC section 2, Cui et al. 2023): per sample
+``CE(p_i, y_i) - alpha * w_i * H(p_i)`` with ``w_i = exp((s_i - max_j s_j) / T)``; hard samples
+(large score s) get their predictive entropy pushed up, i.e. their over-confidence penalised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Temperature = float | Literal["auto"]
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Predictive entropy ``H(softmax(logits))`` per row, computed from log-probabilities so that
+    saturated logits give 0 (not NaN from ``0 * log 0``)."""
+    log_p = F.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def difficulty_weights(
+    scores: Sequence[float] | np.ndarray, temperature: Temperature = "auto"
+) -> np.ndarray:
+    """``w_i = exp((s_i - max_j s_j) / T)`` in (0, 1]; ``"auto"``: T = std of all the scores.
+
+    Computed over the whole dataset once (not per batch), so a sample's weight does not depend
+    on which other samples share its batch. Same convention as the service's weights.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError("scores must be a non-empty 1-d array")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf")
+    t = resolve_temperature(s, temperature)
+    return np.exp((s - s.max()) / t)
+
+
+def resolve_temperature(scores: np.ndarray, temperature: Temperature) -> float:
+    if temperature == "auto":
+        t = float(np.asarray(scores, dtype=np.float64).std())
+        # All scores equal: every sample is as hard as the hardest, weight 1 (any T gives that).
+        return t if t > 0 else 1.0
+    t = float(temperature)
+    if not np.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a positive number or 'auto', got {temperature!r}")
+    return t
+
+
+class SampleLoss(nn.Module):
+    """Mean over the batch of a per-sample loss."""
+
+    def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        return self.per_sample(logits, targets, indices).mean()
+
+
+class CrossEntropyLoss(SampleLoss):
+    def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        return F.cross_entropy(logits, targets, reduction="none")
+
+
+class LabelSmoothingLoss(SampleLoss):
+    """CE against ``(1 - eps) * onehot + eps / K`` (Szegedy et al.; torch's convention)."""
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = smoothing
+
+    def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        return F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.smoothing)
+
+
+class FocalLoss(SampleLoss):
+    """``-(1 - p_y)^gamma * log p_y`` (Lin et al. 2017; Mukhoti et al. 2020 for calibration)."""
+
+    def __init__(self, gamma: float = 3.0) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+
+    def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        log_p_y = F.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        return -((1 - log_p_y.exp()) ** self.gamma) * log_p_y
+
+
+class ConfidencePenaltyLoss(SampleLoss):
+    """Constant entropy regularisation ``CE - beta * H(p)`` (Pereyra et al. 2017): the same
+    penalty on every sample; the baseline the difficulty-aware loss refines."""
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        return F.cross_entropy(logits, targets, reduction="none") - self.beta * entropy(logits)
+
+
+class DifficultyAwareLoss(SampleLoss):
+    """``CE - alpha * w_i * H(p_i)`` with per-sample weights looked up by training-set index.
+
+    The weight table is a buffer (moves with ``.to(device)``), computed once; a step costs one
+    gather, one entropy and one fused multiply-add over the batch on top of CE.
+    """
+
+    weights: Tensor
+
+    def __init__(self, weights: Tensor | np.ndarray | Sequence[float], alpha: float = 1.0) -> None:
+        super().__init__()
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        if w.ndim != 1 or w.numel() == 0:
+            raise ValueError("weights must be a non-empty 1-d table (one per training sample)")
+        if not torch.isfinite(w).all() or (w < 0).any():
+            raise ValueError("weights must be finite and non-negative")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.register_buffer("weights", w)
+        self.alpha = alpha
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Sequence[float] | np.ndarray,
+        alpha: float = 1.0,
+        temperature: Temperature = "auto",
+    ) -> DifficultyAwareLoss:
+        """Weights from the scores of every training sample, in training-set order."""
+        return cls(difficulty_weights(scores, temperature), alpha=alpha)
+
+    def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        if indices is None:
+            raise ValueError(
+                "DifficultyAwareLoss needs the batch's sample indices: wrap the dataset in "
+                "trainer.data.ScoredDataset and pass its third item to the loss"
+            )
+        w = self.weights[indices.to(self.weights.device)].to(logits.dtype)
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        return ce - self.alpha * w * entropy(logits)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, n={self.weights.numel()}"
+
+
+LOSS_NAMES = ("ce", "ls", "focal", "er", "difficulty")
+
+
+def build_loss(
+    name: str,
+    *,
+    smoothing: float = 0.1,
+    gamma: float = 3.0,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    weights: np.ndarray | None = None,
+) -> SampleLoss:
+    """Loss by its command-line name; ``weights`` (one per training sample) for ``difficulty``."""
+    if name == "ce":
+        return CrossEntropyLoss()
+    if name == "ls":
+        return LabelSmoothingLoss(smoothing)
+    if name == "focal":
+        return FocalLoss(gamma)
+    if name == "er":
+        return ConfidencePenaltyLoss(beta)
+    if name == "difficulty":
+        if weights is None:
+            raise ValueError("the difficulty-aware loss needs difficulty scores (weights)")
+        return DifficultyAwareLoss(weights, alpha=alpha)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
