@@ -1,0 +1,304 @@
+"""The docker-compose topology as native processes: PostgreSQL + one API + two workers.
+
+What docker/compose.yaml runs (`api` with `serve --no-worker`, `worker` scaled to 2, `postgres`)
+is started here as real subprocesses, because there is no Docker engine on the build machines
+(SPEC section 4). Two datasets are fitted at once; the worker holding one of the jobs is killed
+with SIGKILL in the middle of it. The other worker must take that job over once the lease
+expires, resume it, and produce exactly the scores of an uninterrupted run of the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(600)]
+
+if importlib.util.find_spec("service.jobs.worker") is None:  # only while the worker is unwritten
+    pytest.skip("service.jobs.worker does not exist yet: no `difficulty worker` to run", allow_module_level=True)
+
+import httpx  # noqa: E402
+from sqlalchemy import create_engine, make_url, text  # noqa: E402
+
+POSTGRES_URL = os.environ.get("DIFFICULTY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+API_KEY = "topology-test-key"
+
+# Small and slow on purpose: 12 chunks of 250 rows with a pause after each, so a job takes a few
+# seconds and the kill lands between durable chunks (the resume points), not after the job.
+N_ROWS, DIM, N_CLASSES = 3000, 48, 6
+CHUNK_ROWS = 250
+SERVICE_ENV = {
+    "DIFFICULTY_API_KEYS": f"topology:{API_KEY}",
+    "DIFFICULTY_CHUNK_ROWS": str(CHUNK_ROWS),
+    "DIFFICULTY_CHUNK_DELAY_SECONDS": "0.5",
+    "DIFFICULTY_LEASE_SECONDS": "4",
+    "DIFFICULTY_HEARTBEAT_SECONDS": "1",
+    "DIFFICULTY_POLL_SECONDS": "0.2",
+    "HF_HUB_OFFLINE": "1",
+}
+FLOAT_COLUMNS = ("rmd", "md_class", "md_agnostic", "rmd_min")
+EXACT_COLUMNS = ("sample_id", "label", "predicted_label")
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def difficulty_command() -> list[str]:
+    """The installed console script (as in the image), else the module."""
+    script = Path(sys.executable).with_name("difficulty")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Subprocesses with their output in log files, shown when a check fails."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir, self.env = log_dir, env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            [*difficulty_command(), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()  # the child holds its own descriptor
+        self.procs[name] = proc
+        return proc
+
+    def logs(self) -> str:
+        parts = []
+        for name in self.procs:
+            tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+            parts.append(f"--- {name} (exit {self.procs[name].poll()}) ---\n{tail}")
+        return "\n".join(parts)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def database_url():
+    """A fresh PostgreSQL database for this test, dropped afterwards."""
+    base = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg2")
+    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:  # any connection failure means the same here
+        admin.dispose()
+        message = f"PostgreSQL is not reachable at {POSTGRES_URL}: {type(exc).__name__}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI must provide it: scripts/test-services.sh)")
+        pytest.skip(message)
+    name = f"difficulty_topo_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def topology(tmp_path, database_url):
+    """`difficulty serve --no-worker` + two `difficulty worker`, sharing a data dir and database."""
+    env = {**os.environ, **SERVICE_ENV, "DIFFICULTY_DATABASE_URL": database_url,
+           "DIFFICULTY_DATA_DIR": str(tmp_path / "data")}
+    (tmp_path / "logs").mkdir()
+    procs = Processes(tmp_path / "logs", env)
+    port = free_port()
+    try:
+        procs.start("api", "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port))
+        workers = [procs.start(f"worker{i}", "worker") for i in (1, 2)]
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=30,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            assert procs.procs["api"].poll() is None, "the API exited:\n" + procs.logs()
+            with contextlib.suppress(httpx.TransportError):
+                if client.get("/healthz").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the API did not become healthy:\n" + procs.logs()
+            time.sleep(0.3)
+        yield client, workers, procs, create_engine(database_url)
+    finally:
+        procs.stop_all()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def make_data(seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Class-structured features: separated class means plus noise, some labels flipped."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, N_CLASSES, N_ROWS)
+    means = rng.normal(0.0, 2.0, (N_CLASSES, DIM))
+    features = means[labels] + rng.normal(0.0, 1.0, (N_ROWS, DIM))
+    flipped = rng.random(N_ROWS) < 0.05
+    labels[flipped] = rng.integers(0, N_CLASSES, flipped.sum())
+    ids = [f"s{seed}-{i:05d}" for i in range(N_ROWS)]
+    return features.astype(np.float32), labels.astype(np.int64), ids
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def create_dataset(client: httpx.Client, name: str, data) -> str:
+    features, labels, ids = data
+    response = client.post("/v1/datasets", json={"name": name})
+    assert response.status_code == 201, response.text
+    dataset_id = response.json()["id"]
+    response = client.post(
+        f"/v1/datasets/{dataset_id}/embeddings",
+        files={
+            "embeddings": ("embeddings.npy", npy_bytes(features), "application/octet-stream"),
+            "labels": ("labels.npy", npy_bytes(labels), "application/octet-stream"),
+            "ids": ("ids.txt", ("\n".join(ids) + "\n").encode(), "text/plain"),
+        },
+    )
+    assert response.status_code < 300, response.text
+    return dataset_id
+
+
+def start_fit(client: httpx.Client, dataset_id: str) -> str:
+    response = client.post(f"/v1/datasets/{dataset_id}/fit", json={})
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+def job(client: httpx.Client, job_id: str) -> dict:
+    response = client.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def lease(engine, job_id: str) -> tuple[str | None, int]:
+    """(lease owner, attempts) of a job, from the queue table the workers share."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT lease_owner, attempts FROM jobs WHERE id = :id"), {"id": job_id}
+        ).one()
+    return row[0], int(row[1])
+
+
+def owner_pid(owner: str) -> int:
+    """Worker owners are 'host:pid:suffix' (service.jobs.worker.Worker)."""
+    return int(owner.split(":")[1])
+
+
+def wait_succeeded(client, job_ids, procs: Processes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = set(job_ids)
+    while pending:
+        for job_id in list(pending):
+            state = job(client, job_id)
+            assert state["state"] not in ("failed", "cancelled"), f"{state}\n{procs.logs()}"
+            if state["state"] == "succeeded":
+                pending.discard(job_id)
+        assert time.monotonic() < deadline, f"jobs {pending} did not finish:\n{procs.logs()}"
+        time.sleep(0.3)
+
+
+def scores(client: httpx.Client, dataset_id: str) -> pa.Table:
+    response = client.get(f"/v1/datasets/{dataset_id}/scores", params={"format": "arrow"})
+    assert response.status_code == 200, response.text
+    table = pa.ipc.open_stream(response.content).read_all()
+    assert table.num_rows == N_ROWS
+    return table.sort_by("sample_id")
+
+
+def assert_same_scores(got: pa.Table, expected: pa.Table) -> None:
+    for column in EXACT_COLUMNS:
+        assert got.column(column).to_pylist() == expected.column(column).to_pylist(), column
+    for column in FLOAT_COLUMNS:
+        a = got.column(column).to_numpy(zero_copy_only=False)
+        b = expected.column(column).to_numpy(zero_copy_only=False)
+        # 1e-9 relative to the column's scale (rmd crosses zero, so not element-wise relative).
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max(), err_msg=column)
+
+
+# --- the test --------------------------------------------------------------------------------
+
+
+def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
+    client, workers, procs, engine = topology
+    data_a, data_b = make_data(1), make_data(2)
+    dataset_a = create_dataset(client, "topology-a", data_a)
+    dataset_b = create_dataset(client, "topology-b", data_b)
+    job_a, job_b = start_fit(client, dataset_a), start_fit(client, dataset_b)
+
+    # Both jobs run at once, one per worker; wait until job A has written a few chunks.
+    deadline = time.monotonic() + 120
+    while True:
+        state_a = job(client, job_a)
+        owner_a, _ = lease(engine, job_a)
+        owner_b, _ = lease(engine, job_b)
+        running = state_a["state"] == "running" and job(client, job_b)["state"] == "running"
+        done = (state_a.get("progress") or {}).get("done") or 0
+        if running and owner_a and owner_b and owner_a != owner_b and done >= 2 * CHUNK_ROWS:
+            break
+        assert state_a["state"] in ("queued", "running"), f"job A ended before the kill: {state_a}"
+        assert time.monotonic() < deadline, f"two jobs never ran at once:\n{procs.logs()}"
+        time.sleep(0.2)
+    assert done < N_ROWS, "job A got past its embedding stage before the kill: nothing to resume"
+
+    # SIGKILL the worker that holds job A: no clean-up, no lease release.
+    victim = next(w for w in workers if w.pid == owner_pid(owner_a))
+    survivor = next(w for w in workers if w is not victim)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+
+    # The survivor finishes its own job B, then takes A over once A's lease has expired.
+    wait_succeeded(client, [job_a, job_b], procs, timeout=240)
+    owner, attempts = lease(engine, job_a)
+    assert owner_pid(owner) == survivor.pid and attempts == 2, (owner, attempts)
+    assert owner_pid(lease(engine, job_b)[0]) == survivor.pid
+    assert survivor.poll() is None, "the surviving worker died:\n" + procs.logs()
+
+    # Uninterrupted reference: the same data in fresh datasets, fitted by the survivor alone.
+    reference_a = create_dataset(client, "reference-a", data_a)
+    reference_b = create_dataset(client, "reference-b", data_b)
+    reference_jobs = [start_fit(client, reference_a), start_fit(client, reference_b)]
+    wait_succeeded(client, reference_jobs, procs, timeout=240)
+    assert all(lease(engine, j)[1] == 1 for j in reference_jobs)
+
+    assert_same_scores(scores(client, dataset_a), scores(client, reference_a))
+    assert_same_scores(scores(client, dataset_b), scores(client, reference_b))
