@@ -1,0 +1,373 @@
+"""Images -> features in a chunk store: decode in parallel, embed in batches, write per chunk.
+
+The unit of work is :func:`embed_chunk` (samples -> features + failures + statistics); it does no
+I/O besides reading the samples, so a Ray actor can run it unchanged. :func:`embed_source` drives
+it: skips what the store already holds (resume), writes each finished chunk atomically with the
+list of items it could not use, and reports progress.
+
+Overlap: decode + preprocess run in a thread pool a few batches ahead of the forward pass (PIL's
+decoders/resamplers and torch kernels release the GIL), so on a CPU the forward pass, not the
+decode, sets the pace; on CUDA, batches are staged in pinned memory and JPEGs decode on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.encoders.base import Encoder, EncoderError
+from service.ingest.sample import Sample
+from service.pipeline.decode import BadImage, decode_image, open_image, read_sample_bytes
+from service.pipeline.gpu_decode import decode_batch_on_gpu, gpu_decode_supported
+from service.statistics import SufficientStatistics, normalize_features
+from service.storage.embeddings import EmbeddingStore
+from service.storage.files import atomic_write_bytes
+
+ENCODER_RECORD = "encoder.json"
+_FAILURES = re.compile(r"^failures-(\d{6})\.json$")
+
+
+@dataclass
+class ChunkResult:
+    sample_ids: list[str]
+    labels: list[str]  # "" = unlabelled
+    features: np.ndarray  # (n, D) float32, unnormalised
+    failures: list[tuple[str, str]]  # (sample_id, reason)
+    # Statistics of the L2-normalised labelled features (the default fit), mergeable across
+    # chunks and workers with SufficientStatistics.merge. None when nothing was labelled.
+    statistics: SufficientStatistics | None = None
+    stopped: bool = False  # should_stop() fired: this result is partial and must not be stored
+
+
+@dataclass
+class EmbedReport:
+    embedded: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped_existing: int = 0
+    stopped: bool = False
+    chunks_written: int = 0
+    seconds: float = 0.0
+    statistics: SufficientStatistics | None = None  # of the chunks written in this run
+
+    @property
+    def per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- decode workers ---------------------------------------------------------------------------
+
+_GPU_JPEG = "gpu-jpeg"
+
+
+def _prepare(sample: Sample, encoder: Encoder, gpu_jpeg: bool) -> tuple[str, object]:
+    """In a worker thread: ("ok", tensor) | (_GPU_JPEG, bytes) | ("bad", reason)."""
+    try:
+        data = read_sample_bytes(sample)
+        if gpu_jpeg:
+            image = open_image(data)  # header checks only; the GPU decodes the pixels
+            if image.format == "JPEG" and image.mode in ("RGB", "L"):
+                return _GPU_JPEG, data
+        image = decode_image(data, draft_size=encoder.decode_size)
+        return "ok", encoder.preprocess(image)
+    except BadImage as exc:
+        return "bad", str(exc)
+    except Exception as exc:  # a preprocessing bug on one odd image must not stop the run
+        return "bad", f"could not preprocess: {type(exc).__name__}: {exc}"
+
+
+def _prepared_in_order(
+    samples: Sequence[Sample], encoder: Encoder, pool: ThreadPoolExecutor, ahead: int, gpu_jpeg: bool
+) -> Iterator[tuple[Sample, tuple[str, object]]]:
+    """Results in input order, with at most ``ahead`` items in flight (bounded memory)."""
+    queue: deque[tuple[Sample, Future]] = deque()
+    items = iter(samples)
+    for sample in items:
+        queue.append((sample, pool.submit(_prepare, sample, encoder, gpu_jpeg)))
+        if len(queue) >= ahead:
+            break
+    while queue:
+        sample, future = queue.popleft()
+        nxt = next(items, None)
+        if nxt is not None:
+            queue.append((nxt, pool.submit(_prepare, nxt, encoder, gpu_jpeg)))
+        yield sample, future.result()
+
+
+def default_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus))
+
+
+# -- the unit of work -------------------------------------------------------------------------
+
+
+def embed_chunk(
+    samples: Sequence[Sample],
+    encoder: Encoder,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    pool: ThreadPoolExecutor | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ChunkResult:
+    """Decode, preprocess and embed ``samples``; bad items become failures, never exceptions.
+
+    ``on_batch(n)`` is told after each forward pass how many samples it settled (embedded or
+    failed). ``should_stop`` is polled before each batch; when it fires the result is marked
+    ``stopped`` (partial: do not store it)."""
+    own_pool = pool is None
+    if pool is None:
+        pool = ThreadPoolExecutor(max_workers=num_workers or default_workers(), thread_name_prefix="decode")
+    gpu_jpeg = gpu_decode_supported(encoder.device, encoder.preprocessing)
+    pinned = encoder.device.type == "cuda"
+    ids: list[str] = []
+    labels: list[str] = []
+    parts: list[np.ndarray] = []
+    failures: list[tuple[str, str]] = []
+    stopped = False
+    batch: list[tuple[Sample, str, object]] = []
+    settled = 0
+
+    def flush() -> None:
+        nonlocal batch, settled
+        good = _embed_batch(batch, encoder, gpu_jpeg, pinned, failures)
+        for (sample, _, _), features in good:
+            ids.append(sample.sample_id)
+            labels.append(sample.label or "")
+            parts.append(features)
+        if on_batch:
+            on_batch(settled + len(batch))
+        settled = 0
+        batch = []
+
+    try:
+        ahead = 2 * batch_size + getattr(pool, "_max_workers", 4)  # two batches queued behind the one in flight
+        for sample, (kind, payload) in _prepared_in_order(samples, encoder, pool, ahead, gpu_jpeg):
+            if kind == "bad":
+                failures.append((sample.sample_id, str(payload)))
+                settled += 1
+                continue
+            if not batch and should_stop is not None and should_stop():
+                stopped = True
+                break
+            batch.append((sample, kind, payload))
+            if len(batch) >= batch_size:
+                flush()
+        if batch and not stopped:
+            if should_stop is not None and should_stop():
+                stopped = True
+            else:
+                flush()
+        elif settled and on_batch and not stopped:
+            on_batch(settled)
+    finally:
+        if own_pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+    dim = encoder.dim
+    features = np.stack(parts).astype(np.float32) if parts else np.zeros((0, dim), np.float32)
+    return ChunkResult(ids, labels, features, failures, chunk_statistics(features, labels, ids), stopped)
+
+
+def _embed_batch(
+    batch: list[tuple[Sample, str, object]],
+    encoder: Encoder,
+    gpu_jpeg: bool,
+    pinned: bool,
+    failures: list[tuple[str, str]],
+) -> list[tuple[tuple[Sample, str, object], np.ndarray]]:
+    cpu_items = [item for item in batch if item[1] == "ok"]
+    jpeg_items = [item for item in batch if item[1] == _GPU_JPEG]
+    if jpeg_items:
+        try:
+            on_gpu = decode_batch_on_gpu([p for _, _, p in jpeg_items], encoder.preprocessing, encoder.device)
+        except Exception:
+            # nvJPEG refused something (CMYK, progressive corner cases): redo these on the CPU.
+            redone = [(s, *_prepare(s, encoder, False)) for s, _, _ in jpeg_items]
+            for s, kind, payload in redone:
+                if kind == "bad":
+                    failures.append((s.sample_id, str(payload)))
+            cpu_items += [item for item in redone if item[1] == "ok"]
+            jpeg_items, on_gpu = [], None
+    ordered = jpeg_items + cpu_items
+    if not ordered:
+        return []
+    pieces = []
+    if jpeg_items:
+        pieces.append(on_gpu)
+    if cpu_items:
+        cpu = torch.stack([p for _, _, p in cpu_items])  # type: ignore[misc]
+        if pinned:
+            cpu = cpu.pin_memory()  # page-locked: the host-to-device copy runs asynchronously
+        pieces.append(cpu.to(encoder.device, non_blocking=True) if jpeg_items else cpu)
+    tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    features = encoder.embed(tensor)
+    if not np.isfinite(features).all():
+        bad = ~np.isfinite(features).all(axis=1)
+        for (s, _, _), is_bad in zip(ordered, bad, strict=True):
+            if is_bad:
+                failures.append((s.sample_id, "encoder produced NaN/inf features"))
+        keep = [(item, f) for item, f, b in zip(ordered, features, bad, strict=True) if not b]
+    else:
+        keep = list(zip(ordered, features, strict=True))
+    # Restore the input order (GPU-decoded items were moved to the front).
+    position = {id(item[0]): i for i, item in enumerate(batch)}
+    keep.sort(key=lambda pair: position[id(pair[0][0])])
+    return keep
+
+
+def chunk_statistics(features: np.ndarray, labels: Sequence[str], ids: Sequence[str]) -> SufficientStatistics | None:
+    keep = [i for i, label in enumerate(labels) if label != ""]
+    if not keep or features.shape[0] == 0:
+        return None
+    stats = SufficientStatistics(dim=features.shape[1])
+    stats.update(
+        normalize_features(features[keep]), [labels[i] for i in keep], [ids[i] for i in keep]
+    )
+    return stats
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def embed_source(
+    samples: Iterable[Sample],
+    encoder: Encoder,
+    store: EmbeddingStore,
+    *,
+    total: int | None = None,
+    chunk_size: int = 1024,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> EmbedReport:
+    """Embed every sample not yet in ``store``, one chunk at a time; resumable.
+
+    ``progress(done, total)`` counts samples settled in this call (embedded, failed or already
+    present). Failures are listed in ``failures-NNNNNN.json`` beside the chunk they belong to
+    (see :func:`read_failures`); items that failed before are not retried on resume."""
+    if chunk_size < 1 or batch_size < 1:
+        raise ValueError("chunk_size and batch_size must be at least 1")
+    started = time.perf_counter()
+    check_encoder_record(store, encoder)
+    known = set(store.sample_ids().tolist())
+    known.update(sample_id for sample_id, _ in read_failures(store.directory))
+    report = EmbedReport()
+    seen: set[str] = set()
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    pool = ThreadPoolExecutor(max_workers=num_workers or default_workers(), thread_name_prefix="decode")
+    try:
+        pending: list[Sample] = []
+        early_failures: list[tuple[str, str]] = []
+        for sample in samples:
+            if sample.sample_id in known:
+                report.skipped_existing += 1
+                tick(1)
+                continue
+            if sample.sample_id in seen:
+                early_failures.append((sample.sample_id, "duplicate sample id (first occurrence kept)"))
+                tick(1)
+                continue
+            seen.add(sample.sample_id)
+            pending.append(sample)
+            if len(pending) >= chunk_size:
+                if not _run_chunk(pending, early_failures, encoder, store, report, pool, batch_size, should_stop, tick):
+                    break
+                pending, early_failures = [], []
+        else:
+            if pending or early_failures:
+                _run_chunk(pending, early_failures, encoder, store, report, pool, batch_size, should_stop, tick)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run_chunk(
+    pending: list[Sample],
+    early_failures: list[tuple[str, str]],
+    encoder: Encoder,
+    store: EmbeddingStore,
+    report: EmbedReport,
+    pool: ThreadPoolExecutor,
+    batch_size: int,
+    should_stop: Callable[[], bool] | None,
+    tick: Callable[[int], None],
+) -> bool:
+    """Embed and store one chunk; False when stopped (nothing of this chunk is stored)."""
+    result = embed_chunk(pending, encoder, batch_size=batch_size, pool=pool, should_stop=should_stop, on_batch=tick)
+    if result.stopped:
+        report.stopped = True
+        return False
+    failures = early_failures + result.failures
+    index = store.next_index()
+    # Failures first, chunk last: the chunk file marks the pair complete (read_failures ignores
+    # a failures file whose chunk is missing, and the next run rewrites it).
+    atomic_write_bytes(failures_path(store.directory, index), json.dumps(failures).encode())
+    store.write_chunk(index, result.sample_ids, result.labels, result.features)
+    report.embedded += len(result.sample_ids)
+    report.failures.extend(failures)
+    report.chunks_written += 1
+    if result.statistics is not None:
+        report.statistics = result.statistics if report.statistics is None else report.statistics.merge(result.statistics)
+    return True
+
+
+def failures_path(directory: Path, index: int) -> Path:
+    return Path(directory) / f"failures-{index:06d}.json"
+
+
+def read_failures(store_directory: str | Path) -> list[tuple[str, str]]:
+    """Every (sample_id, reason) skipped so far in this store, in chunk order."""
+    directory = Path(store_directory)
+    if not directory.is_dir():
+        return []
+    chunks = set(EmbeddingStore(directory).chunk_indices())
+    out: list[tuple[str, str]] = []
+    for path in sorted(directory.iterdir()):
+        m = _FAILURES.match(path.name)
+        if m and int(m.group(1)) in chunks:
+            out.extend((str(a), str(b)) for a, b in json.loads(path.read_text()))
+    return out
+
+
+def check_encoder_record(store: EmbeddingStore, encoder: Encoder) -> None:
+    """Record the encoder with the first chunk; refuse to mix features of different encoders."""
+    path = store.directory / ENCODER_RECORD
+    record = encoder.describe()
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if (previous.get("name"), previous.get("weights_sha256")) != (record["name"], record["weights_sha256"]):
+            raise EncoderError(
+                f"this embedding set was made with {previous.get('name')} "
+                f"(weights {str(previous.get('weights_sha256'))[:12]}); embedding more items with "
+                f"{record['name']} (weights {record['weights_sha256'][:12]}) would mix feature "
+                "spaces. Use the same encoder, or a new dataset / work directory."
+            )
+        return
+    if store.chunk_indices():
+        return  # features from elsewhere (uploaded); nothing to compare against
+    atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+
+
+def read_encoder_record(store_directory: str | Path) -> dict | None:
+    path = Path(store_directory) / ENCODER_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
