@@ -191,3 +191,19 @@ def image_folder_sample_ids(dataset: Any) -> list[str]:
 
 def image_folder_labels(dataset: Any) -> list[str]:
     return [dataset.classes[target] for _, target in dataset.samples]
+
+
+class IndexedDataset(Dataset):
+    """``(x, y, index)`` without scores, so every loss sees the same batch layout."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+        self.positions = np.arange(len(base))  # type: ignore[arg-type]
+        self.weights = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        x, y = self.base[index]
+        return x, y, index

@@ -1,0 +1,120 @@
+"""Training-step time: difficulty-aware loss vs plain cross-entropy, side by side in one run.
+
+A step = forward + loss + backward + optimiser step on one batch. CE and difficulty-aware steps
+alternate (two identical models, same batches) so drift on a shared machine hits both equally;
+the table shows medians and the ratio. The issue's budget: difficulty-aware <= 1.05 x CE.
+
+    python benchmarks/bench_trainer_step.py                       # CPU: small CNN + ResNet-18
+    python benchmarks/bench_trainer_step.py --device cuda --steps 200 --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from trainer.losses import CrossEntropyLoss, DifficultyAwareLoss
+from trainer.models import build_model
+
+CASES = {
+    # name: (model, channels, image side) — Fashion-MNIST-sized and CIFAR-sized inputs.
+    "small-cnn 1x28x28": ("small-cnn", 1, 28),
+    "resnet18 3x32x32": ("resnet18", 3, 32),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_case(
+    model_name: str, channels: int, side: int, args: argparse.Namespace, device: torch.device
+) -> dict:
+    torch.manual_seed(0)
+    n_train = 50_000  # weight table of a CIFAR-sized training set
+    base = build_model(model_name, channels, 10).to(device)
+    models = {"ce": base, "difficulty": copy.deepcopy(base)}
+    losses = {
+        "ce": CrossEntropyLoss().to(device),
+        "difficulty": DifficultyAwareLoss.from_scores(torch.randn(n_train).numpy(), alpha=1.0).to(
+            device
+        ),
+    }
+    opts = {
+        k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        for k, m in models.items()
+    }
+    x = torch.randn(args.batch_size, channels, side, side, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    times: dict[str, list[float]] = {"ce": [], "difficulty": []}
+
+    def step(kind: str) -> float:
+        idx = torch.randint(0, n_train, (args.batch_size,), device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        loss = losses[kind](models[kind](x), y, idx)
+        opts[kind].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[kind].step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        step("ce")
+        step("difficulty")
+    for i in range(args.steps):
+        # Alternate which goes first so neither always runs on a warmer cache.
+        order = ("ce", "difficulty") if i % 2 == 0 else ("difficulty", "ce")
+        for kind in order:
+            times[kind].append(step(kind))
+    ce, da = statistics.median(times["ce"]), statistics.median(times["difficulty"])
+    return {"ce_ms": ce * 1e3, "difficulty_ms": da * 1e3, "ratio": da / ce}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = {}
+    print(f"device={device} batch={args.batch_size} steps={args.steps} (median per step)")
+    print(f"{'case':<22}{'CE ms':>10}{'DA ms':>10}{'DA/CE':>8}")
+    for name in args.cases:
+        row = bench_case(*CASES[name], args, device)
+        rows[name] = row
+        print(
+            f"{name:<22}{row['ce_ms']:>10.2f}{row['difficulty_ms']:>10.2f}{row['ratio']:>8.3f}",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {
+                    "device": str(device),
+                    "batch_size": args.batch_size,
+                    "steps": args.steps,
+                    "results": rows,
+                },
+                handle,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""``difficulty-train``: train a classifier with difficulty-aware entropy regularisation.
+
+Examples:
+  difficulty-train --data fmnist --loss difficulty --service-url http://127.0.0.1:8000 \\
+      --dataset-id 3f2a... --alpha 0.5 --temperature auto --epochs 10 -o runs/da
+  difficulty-train --data ./images/train --test-data ./images/test --model resnet18 \\
+      --loss difficulty --scores-file scores.parquet -o runs/da
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from trainer.data import MISSING_POLICIES
+from trainer.losses import LOSS_NAMES
+from trainer.models import MODEL_NAMES
+from trainer.train import TrainConfig, train
+
+
+def _temperature(value: str) -> float | str:
+    if value == "auto":
+        return "auto"
+    t = float(value)
+    if not math.isfinite(t) or t <= 0:
+        raise argparse.ArgumentTypeError("temperature must be 'auto' or a positive number")
+    return t
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="difficulty-train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--data",
+        default="fmnist",
+        help="'fmnist' (Debian package dataset-fashion-mnist) or an ImageFolder directory",
+    )
+    d.add_argument(
+        "--test-data", help="ImageFolder for testing (default: hold out --test-fraction)"
+    )
+    d.add_argument("--test-fraction", type=float, default=0.2)
+    d.add_argument(
+        "--fmnist-dir", help="folder of the Fashion-MNIST IDX files (env FASHION_MNIST_DIR)"
+    )
+    d.add_argument("--train-subset", type=int, help="train on a fixed random subset of this size")
+    d.add_argument("--test-subset", type=int)
+    d.add_argument(
+        "--image-size", type=int, default=32, help="ImageFolder images are resized to this"
+    )
+    d.add_argument("--grayscale", action="store_true", help="ImageFolder images as 1 channel")
+    d.add_argument("--augment", action="store_true", help="random flips and 2-pixel shifts")
+    d.add_argument(
+        "--ood",
+        default="noise",
+        help="'noise' (synthetic), 'none', or an ImageFolder of OOD images",
+    )
+
+    m = p.add_argument_group("model and optimisation")
+    m.add_argument("--model", choices=MODEL_NAMES, default="small-cnn")
+    m.add_argument("--epochs", type=int, default=1)
+    m.add_argument("--batch-size", type=int, default=128)
+    m.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
+    m.add_argument("--lr", type=float, help="default 0.05 (sgd) or 1e-3 (adam/adamw)")
+    m.add_argument("--momentum", type=float, default=0.9)
+    m.add_argument("--weight-decay", type=float, default=5e-4)
+    m.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine")
+
+    lo = p.add_argument_group("loss")
+    lo.add_argument("--loss", choices=LOSS_NAMES, default="difficulty",
+                    help="ce, ls (label smoothing), focal, er (constant entropy regularisation), difficulty")  # fmt: skip
+    lo.add_argument("--alpha", type=float, default=1.0, help="difficulty-aware: entropy weight")
+    lo.add_argument("--temperature", "-T", type=_temperature, default="auto",
+                    help="difficulty-aware: T of w = exp((s - max s)/T); 'auto' = std of the scores")  # fmt: skip
+    lo.add_argument("--smoothing", type=float, default=0.1, help="label smoothing epsilon")
+    lo.add_argument("--gamma", type=float, default=3.0, help="focal loss gamma")
+    lo.add_argument(
+        "--beta", type=float, default=0.1, help="constant entropy regularisation weight"
+    )
+
+    s = p.add_argument_group("difficulty scores (for --loss difficulty)")
+    s.add_argument(
+        "--service-url", default=os.environ.get("DIFFICULTY_URL"), help="env DIFFICULTY_URL"
+    )
+    s.add_argument("--dataset-id")
+    s.add_argument(
+        "--api-key", default=os.environ.get("DIFFICULTY_API_KEY"), help="env DIFFICULTY_API_KEY"
+    )
+    s.add_argument(
+        "--scores-file", help="offline: table from `difficulty score` (.parquet/.arrow/.csv)"
+    )
+    s.add_argument("--score-column", default="rmd", help="rmd (default) or rmd_min")
+    s.add_argument("--missing-scores", choices=MISSING_POLICIES, default="error",
+                   help="samples without a score: error (default), drop, or zero-weight (plain CE)")  # fmt: skip
+    s.add_argument("--cache-dir", help="score cache (default ~/.cache/difficulty-trainer)")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    r.add_argument("--workers", type=int, default=0, help="DataLoader workers (ImageFolder)")
+    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument(
+        "-o", "--output-dir", required=True, help="report.json and reliability.png go here"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(
+        data=args.data, test_data=args.test_data, test_fraction=args.test_fraction,
+        fmnist_dir=args.fmnist_dir, train_subset=args.train_subset, test_subset=args.test_subset,
+        image_size=args.image_size, grayscale=args.grayscale, augment=args.augment, ood=args.ood,
+        model=args.model, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+        loss=args.loss, alpha=args.alpha, temperature=args.temperature, smoothing=args.smoothing,
+        gamma=args.gamma, beta=args.beta, service_url=args.service_url, dataset_id=args.dataset_id,
+        api_key=args.api_key, scores_file=args.scores_file, score_column=args.score_column,
+        missing=args.missing_scores, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
+        workers=args.workers, threads=args.threads, progress=not args.no_progress,
+        output_dir=args.output_dir,
+    )  # fmt: skip
+    from trainer.client import DifficultyClientError
+
+    try:
+        report = train(cfg)
+    except (DifficultyClientError, ValueError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"difficulty-train: error: {message}", file=sys.stderr)
+        return 2
+    summary = {
+        k: (round(v, 4) if isinstance(v, float) else v) for k, v in report["metrics"].items()
+    }
+    print(json.dumps(summary))
+    print(f"wrote {os.path.join(args.output_dir, 'report.json')} and reliability.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""Train a classifier with one of the losses and evaluate every metric.
+
+``train(config)`` is the whole run (data, scores, model, loop, evaluation, report) so the
+command line, the end-to-end test and the paper benchmark share one code path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from tqdm import tqdm
+
+from trainer import metrics as M
+from trainer.data import (
+    IndexedDataset,
+    ScoredDataset,
+    ScoreTable,
+    image_folder_sample_ids,
+    read_table,
+)
+from trainer.losses import build_loss
+from trainer.models import build_model
+
+# Fashion-MNIST training-set statistics (normalising with them is standard and leaks nothing).
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+SUBSET_SEED = 20231  # the training subset is fixed across runs so seeds vary only the training
+
+
+@dataclass
+class TrainConfig:
+    data: str = "fmnist"  # "fmnist" or an ImageFolder directory
+    test_data: str | None = None  # ImageFolder for testing; default: a held-out split
+    test_fraction: float = 0.2
+    fmnist_dir: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    image_size: int = 32
+    grayscale: bool = False
+    model: str = "small-cnn"
+    epochs: int = 1
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    augment: bool = False
+    loss: str = "ce"
+    smoothing: float = 0.1
+    gamma: float = 3.0
+    beta: float = 0.1
+    alpha: float = 1.0
+    temperature: float | str = "auto"
+    score_column: str = "rmd"
+    service_url: str | None = None
+    dataset_id: str | None = None
+    api_key: str | None = None
+    scores_file: str | None = None
+    cache_dir: str | None = None
+    missing: str = "error"
+    seed: int = 0
+    device: str = "auto"
+    ood: str = "noise"  # "noise", "none", or an ImageFolder directory
+    output_dir: str | None = None
+    progress: bool = True
+    workers: int = 0
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Split:
+    """A training or test set: a dataset yielding ``(x, y, index)`` or whole tensors."""
+
+    dataset: Dataset
+    num_classes: int
+    in_channels: int
+    tensors: tuple[Tensor, Tensor] | None = None  # in-memory fast path (x, y)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def _fmnist_tensors(
+    split: str, root: str | None, limit: int | None
+) -> tuple[Tensor, Tensor, np.ndarray]:
+    from trainer.fmnist import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split, root)
+    index = np.arange(len(labels))
+    if limit is not None and limit < len(labels):
+        # A fixed random subset (not the first N: the IDX order is not shuffled by class).
+        index = np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(labels))[:limit])
+    x = torch.from_numpy(images[index]).float().div_(255.0).sub_(FMNIST_MEAN).div_(FMNIST_STD)
+    return x.unsqueeze(1), torch.from_numpy(labels[index]), index
+
+
+def _image_folder(root: str, cfg: TrainConfig) -> Any:
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    steps: list[Any] = (
+        [T.Grayscale(1)] if cfg.grayscale else [T.Lambda(lambda im: im.convert("RGB"))]
+    )
+    steps += [T.Resize((cfg.image_size, cfg.image_size)), T.ToTensor(), T.Normalize(0.5, 0.5)]
+    return ImageFolder(root, transform=T.Compose(steps))
+
+
+def _label_strings(
+    table_labels: list[str] | None, targets: list[int], names: list[str]
+) -> list[str] | None:
+    """Our labels spelled as the service has them (class names or integer codes), or None when
+    neither matches, in which case the label check is skipped rather than failing."""
+    if not table_labels:
+        return None
+    seen = set(table_labels)
+    if seen <= set(names):
+        return [names[t] for t in targets]
+    if seen <= {str(i) for i in range(len(names))}:
+        return [str(t) for t in targets]
+    return None
+
+
+def load_scores(cfg: TrainConfig) -> tuple[ScoreTable, dict[str, Any]]:
+    if cfg.scores_file:
+        if not Path(cfg.scores_file).is_file():
+            raise FileNotFoundError(f"scores file not found: {cfg.scores_file}")
+        table = read_table(cfg.scores_file)
+        source = {"source": "file", "path": str(cfg.scores_file)}
+    elif cfg.service_url and cfg.dataset_id:
+        from trainer.client import DifficultyClient
+
+        with DifficultyClient(cfg.service_url, cfg.api_key, cache_dir=cfg.cache_dir) as client:
+            info = client.dataset(cfg.dataset_id)
+            table = client.scores(cfg.dataset_id)
+        fit = info.get("fit") or {}
+        source = {
+            "source": "service",
+            "service_url": cfg.service_url,
+            "dataset_id": cfg.dataset_id,
+            "fit_id": fit.get("id"),
+            "encoder": fit.get("encoder") or info.get("encoder"),
+        }
+    else:
+        raise ValueError(
+            "the difficulty-aware loss needs scores: give --service-url and --dataset-id, or --scores-file"
+        )
+    scores = ScoreTable.from_arrow(table, cfg.score_column)
+    source.update(column=cfg.score_column, num_scores=len(scores))
+    return scores, source
+
+
+def load_data(cfg: TrainConfig) -> tuple[Split, Split, list[str], list[str], list[str]]:
+    """Train split, test split, train sample IDs, train label names per sample, class names."""
+    if cfg.data == "fmnist":
+        from trainer.fmnist import CLASSES
+
+        x, y, index = _fmnist_tensors("train", cfg.fmnist_dir, cfg.train_subset)
+        xt, yt, _ = _fmnist_tensors("test", cfg.fmnist_dir, cfg.test_subset)
+        names = list(CLASSES)
+        train = Split(TensorDataset(x, y), len(names), 1, (x, y))
+        test = Split(TensorDataset(xt, yt), len(names), 1, (xt, yt))
+        return train, test, [str(i) for i in index], y.tolist(), names
+    if not Path(cfg.data).is_dir():
+        raise ValueError(f"--data must be 'fmnist' or an ImageFolder directory, got {cfg.data!r}")
+    full = _image_folder(cfg.data, cfg)
+    names = list(full.classes)
+    channels = 1 if cfg.grayscale else 3
+    ids = image_folder_sample_ids(full)
+    targets = [t for _, t in full.samples]
+    if cfg.test_data:
+        test_set = _image_folder(cfg.test_data, cfg)
+        if list(test_set.classes) != names:
+            raise ValueError(
+                f"test classes {test_set.classes} differ from training classes {names}"
+            )
+        train_idx = np.arange(len(full))
+    else:
+        order = np.random.default_rng(SUBSET_SEED).permutation(len(full))
+        n_test = max(1, int(round(cfg.test_fraction * len(full))))
+        test_set = Subset(full, np.sort(order[:n_test]).tolist())
+        train_idx = np.sort(order[n_test:])
+    if cfg.train_subset is not None and cfg.train_subset < len(train_idx):
+        train_idx = np.sort(
+            np.random.default_rng(SUBSET_SEED + 1).permutation(train_idx)[: cfg.train_subset]
+        )
+    if cfg.test_subset is not None and cfg.test_subset < len(test_set):
+        test_set = Subset(test_set, list(range(cfg.test_subset)))
+    train_set = Subset(full, train_idx.tolist())
+    return (
+        Split(train_set, len(names), channels),
+        Split(test_set, len(names), channels),
+        [ids[i] for i in train_idx],
+        [targets[i] for i in train_idx],
+        names,
+    )
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+def _batches(
+    split: Split, wrapped: Any, cfg: TrainConfig, device: torch.device, generator: torch.Generator
+):
+    """Yields ``(x, y, index)`` batches; in-memory tensors skip the per-item DataLoader cost."""
+    if split.tensors is not None:
+        x_all, y_all = split.tensors
+        positions = torch.as_tensor(wrapped.positions)
+        x_all, y_all = x_all[positions].to(device), y_all[positions].to(device)
+        n = len(positions)
+
+        def epoch():
+            order = torch.randperm(n, generator=generator).to(device)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                yield x_all[idx], y_all[idx], idx
+
+        return epoch, math.ceil(n / cfg.batch_size)
+    loader = DataLoader(
+        wrapped, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+        num_workers=cfg.workers, drop_last=False,
+    )  # fmt: skip
+
+    def epoch():
+        for x, y, idx in loader:
+            yield x.to(device, non_blocking=True), y.to(device), idx.to(device)
+
+    return epoch, len(loader)
+
+
+def augment_batch(x: Tensor, generator: torch.Generator | None = None, pad: int = 2) -> Tensor:
+    """Random horizontal flip and translation by up to ``pad`` pixels, per sample, on device."""
+    n = x.shape[0]
+    flip = torch.rand(n, device=x.device) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    shift = (torch.randint(-pad, pad + 1, (n, 2), device=x.device).float() * 2) / x.shape[-1]
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr or 0.05, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0,
+        )  # fmt: skip
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=cfg.lr or 1e-3, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr or 1e-3, weight_decay=cfg.weight_decay
+        )
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd, adam, adamw)")
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "step":  # /10 at 50% and 75% of training, as in the paper's recipes
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [total // 2, (3 * total) // 4], 0.1)
+    if cfg.schedule == "none":
+        return None
+    raise ValueError(f"unknown schedule {cfg.schedule!r} (cosine, step, none)")
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, split: Split, device: torch.device, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (float64) and labels of a split, in order."""
+    model.eval()
+    probs, labels = [], []
+    if split.tensors is not None:
+        x_all, y_all = split.tensors
+        for start in range(0, len(y_all), batch_size):
+            logits = model(x_all[start : start + batch_size].to(device)).float()
+            probs.append(torch.softmax(logits.double(), -1).cpu())
+        labels = [y_all]
+    else:
+        for x, y in DataLoader(split.dataset, batch_size=batch_size):
+            probs.append(torch.softmax(model(x.to(device)).double(), -1).cpu())
+            labels.append(y)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def _ood_split(cfg: TrainConfig, test: Split) -> tuple[str, Split] | None:
+    if cfg.ood == "none":
+        return None
+    if cfg.ood == "noise":
+        # Uniform-noise images in the test images' value range: a synthetic OOD control that
+        # needs no second dataset. Seeded separately so it is the same set for every run.
+        x0 = test.tensors[0] if test.tensors is not None else test.dataset[0][0].unsqueeze(0)
+        n = min(len(test.dataset), 2000)
+        g = torch.Generator().manual_seed(SUBSET_SEED)
+        lo, hi = float(x0.min()), float(x0.max())
+        x = torch.rand((n, *x0.shape[1:]), generator=g) * (hi - lo) + lo
+        y = torch.zeros(n, dtype=torch.long)
+        return "uniform-noise", Split(
+            TensorDataset(x, y), test.num_classes, test.in_channels, (x, y)
+        )
+    if Path(cfg.ood).is_dir():
+        return cfg.ood, Split(_image_folder(cfg.ood, cfg), test.num_classes, test.in_channels)
+    raise ValueError(f"--ood must be 'noise', 'none' or an ImageFolder directory, got {cfg.ood!r}")
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training + evaluation; returns the report (also written when output_dir is set)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    train_split, test_split, ids, targets, names = load_data(cfg)
+
+    scores_info: dict[str, Any] | None = None
+    if cfg.loss == "difficulty":
+        scores, scores_info = load_scores(cfg)
+        wrapped: Any = ScoredDataset(
+            train_split.dataset, ids, scores,
+            temperature=cfg.temperature if cfg.temperature == "auto" else float(cfg.temperature),
+            missing=cfg.missing,  # type: ignore[arg-type]
+            base_labels=_label_strings(scores.labels, targets, names),
+        )  # fmt: skip
+        scores_info.update(
+            temperature=wrapped.temperature, temperature_setting=cfg.temperature, alpha=cfg.alpha,
+            missing_policy=cfg.missing, missing=wrapped.num_missing, trained_on=len(wrapped),
+            mean_weight=float(wrapped.weights.mean()),
+        )  # fmt: skip
+    else:
+        wrapped = IndexedDataset(train_split.dataset)
+
+    model = build_model(cfg.model, train_split.in_channels, train_split.num_classes).to(device)
+    loss_fn = build_loss(
+        cfg.loss, smoothing=cfg.smoothing, gamma=cfg.gamma, beta=cfg.beta, alpha=cfg.alpha,
+        weights=wrapped.weights,
+    ).to(device)  # fmt: skip
+    opt = _optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    epoch_batches, steps_per_epoch = _batches(train_split, wrapped, cfg, device, generator)
+    sched = _scheduler(opt, cfg, steps_per_epoch)
+
+    history = []
+    start = time.perf_counter()
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch, disable=not cfg.progress, unit="step",
+        desc=f"train {cfg.loss}", file=sys.stderr, dynamic_ncols=True,
+    )  # fmt: skip
+    for epoch in range(cfg.epochs):
+        model.train()
+        total, count = torch.zeros((), device=device), 0
+        for x, y, idx in epoch_batches():
+            if cfg.augment:
+                x = augment_batch(x)
+            loss = loss_fn(model(x).float(), y, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += loss.detach() * len(y)  # no .item(): keeps the GPU from syncing every step
+            count += len(y)
+            bar.update(1)
+        mean = float(total) / max(count, 1)
+        if not math.isfinite(mean):
+            raise FloatingPointError(
+                f"training loss became {mean} in epoch {epoch + 1}; lower --lr"
+            )
+        history.append({"epoch": epoch + 1, "loss": mean})
+        bar.set_postfix(loss=f"{mean:.4f}")
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    probs, labels = predict(model, test_split, device)
+    results = M.classification_metrics(probs, labels)
+    ood = _ood_split(cfg, test_split)
+    ood_info: dict[str, Any] = {
+        "dataset": None,
+        "positive_class": "in-distribution",
+        "score": "max softmax probability",
+    }
+    if ood is not None:
+        ood_probs, _ = predict(model, ood[1], device)
+        results.update(M.ood_metrics(probs, ood_probs))
+        ood_info["dataset"] = ood[0]
+        ood_info["num_samples"] = len(ood_probs)
+    else:
+        results.update(ood_auroc=None, fpr_at_95_tpr=None)
+
+    report = {
+        "metrics": results,
+        "metric_conventions": {
+            "ece": "top-label, 15 equal-width bins (lo, hi], L1",
+            "adaptive_ece": "15 equal-mass bins",
+            "brier": "sum over classes, mean over samples",
+            "aurc": "risk = 0/1 error, ranked by max probability, mean over all coverages",
+            "misclassification_auroc": "positive = correctly classified, score = max probability",
+        },
+        "ood": ood_info,
+        "train": {
+            "samples": len(wrapped),
+            "test_samples": int(len(labels)),
+            "epochs": cfg.epochs,
+            "steps": cfg.epochs * steps_per_epoch,
+            "seconds": train_seconds,
+            "history": history,
+        },
+        "scores": scores_info,
+        "classes": names,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "api_key"},
+        "environment": {"torch": torch.__version__, "device": str(device)},
+    }
+    if cfg.output_dir:
+        write_outputs(report, probs, labels, Path(cfg.output_dir))
+    report["_probs"], report["_labels"] = probs, labels  # for in-process callers; not in JSON
+    return report
+
+
+def write_outputs(report: dict[str, Any], probs: np.ndarray, labels: np.ndarray, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in report.items() if not k.startswith("_")}
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(clean, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, out / "report.json")
+    reliability_diagram(probs, labels, out / "reliability.png", title=f"{report['config']['loss']}")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def reliability_diagram(probs: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    bins = M.reliability_bins(probs, labels)
+    edges, width = bins["edges"][:-1], 1.0 / len(bins["count"])
+    centers = edges + width / 2
+    acc = np.nan_to_num(bins["accuracy"])
+    conf = np.nan_to_num(bins["confidence"], nan=0.0)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.bar(centers, acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    gap_base = np.minimum(acc, conf)
+    # The gap between accuracy and mean confidence, hatched (over- or under-confidence).
+    filled = bins["count"] > 0
+    top.bar(centers[filled], np.abs(conf - acc)[filled], bottom=gap_base[filled], width=width,
+            fill=False, hatch="//", edgecolor="tab:red", label="gap to confidence")  # fmt: skip
+    top.plot([0, 1], [0, 1], "k--", linewidth=1)
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"{title}  ECE={M.ece(probs, labels):.4f}  acc={M.accuracy(probs, labels):.4f}")
+    bottom.bar(
+        centers, bins["count"] / bins["count"].sum(), width=width, color="gray", edgecolor="black"
+    )
+    bottom.set_xlabel("confidence (max probability), 15 bins")
+    bottom.set_ylabel("share")
+    bottom.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
