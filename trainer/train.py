@@ -255,7 +255,7 @@ def _batches(
     return epoch, len(loader)
 
 
-def augment_batch(x: Tensor, generator: torch.Generator | None = None, pad: int = 2) -> Tensor:
+def augment_batch(x: Tensor, pad: int = 2) -> Tensor:
     """Random horizontal flip and translation by up to ``pad`` pixels, per sample, on device."""
     n = x.shape[0]
     flip = torch.rand(n, device=x.device) < 0.5

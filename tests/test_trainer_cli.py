@@ -1,0 +1,89 @@
+"""difficulty-train without a server: offline score files, missing-score policy, error exits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from trainer.cli import main
+from trainer.train import augment_batch
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for cls, level in (("dark", 40), ("light", 200)):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(level, 20, (12, 12)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    return tmp_path
+
+
+def run(folders, *extra):
+    base = ["--data", str(folders / "train"), "--test-data", str(folders / "test"), "--grayscale",
+            "--image-size", "12", "--epochs", "1", "--batch-size", "8", "--threads", "1",
+            "--no-progress", "-o", str(folders / "out")]  # fmt: skip
+    return main(base + list(extra))
+
+
+def write_scores(path, ids, labels):
+    pq.write_table(
+        pa.table({"sample_id": ids, "label": labels, "rmd": np.arange(len(ids), dtype=float)}), path
+    )
+
+
+def test_offline_scores_and_missing_policy(folders, capsys):
+    ids = [f"{c}/{i}.png" for c in ("dark", "light") for i in range(8)]
+    labels = [i.split("/")[0] for i in ids]
+    write_scores(folders / "partial.parquet", ids[:-2], labels[:-2])
+    assert (
+        run(folders, "--loss", "difficulty", "--scores-file", str(folders / "partial.parquet")) == 2
+    )
+    assert "2 of 16 samples have no difficulty score" in capsys.readouterr().err
+    code = run(folders, "--loss", "difficulty", "--scores-file", str(folders / "partial.parquet"),
+               "--missing-scores", "zero-weight", "--alpha", "0.3", "-T", "2")  # fmt: skip
+    assert code == 0
+    report = json.loads((folders / "out" / "report.json").read_text())
+    assert report["scores"]["missing"] == 2 and report["scores"]["temperature"] == 2.0
+    assert report["metrics"]["ood_auroc"] is not None
+
+
+def test_errors_exit_2(folders, capsys):
+    assert run(folders, "--loss", "difficulty") == 2
+    assert "needs scores" in capsys.readouterr().err
+    assert run(folders, "--loss", "difficulty", "--scores-file", str(folders / "nope.parquet")) == 2
+    assert "not found" in capsys.readouterr().err
+    ids = [f"{c}/{i}.png" for c in ("dark", "light") for i in range(8)]
+    write_scores(folders / "swapped.parquet", ids, ["light"] * 8 + ["dark"] * 8)
+    assert (
+        run(folders, "--loss", "difficulty", "--scores-file", str(folders / "swapped.parquet")) == 2
+    )
+    assert "different label" in capsys.readouterr().err
+
+
+def test_plain_loss_without_ood(folders):
+    assert (
+        run(
+            folders, "--loss", "focal", "--ood", "none", "--optimizer", "adam", "--schedule", "step"
+        )
+        == 0
+    )
+    report = json.loads((folders / "out" / "report.json").read_text())
+    assert report["metrics"]["ood_auroc"] is None and report["scores"] is None
+    assert report["config"]["loss"] == "focal"
+
+
+def test_augment_keeps_shape_and_content():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    out = augment_batch(x, pad=1)
+    assert out.shape == x.shape
+    # Nearest-neighbour shifts/flips move pixels, never invent values.
+    assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
