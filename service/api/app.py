@@ -1,0 +1,79 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.errors import install_handlers
+from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.operations import AppContext
+from service.api.routers import datasets, health, jobs
+from service.settings import Settings
+from service.storage.database import make_engine, make_sessionmaker, migrate
+
+log = logging.getLogger("service.api")
+STALE_SPOOL_SECONDS = 24 * 3600
+
+
+def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
+    """The app. With ``run_worker`` an in-process worker thread runs queued jobs (the embedded
+    default); without, separate ``difficulty worker`` processes must run them."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_spools(settings)
+        engine = make_engine(settings.database_url)
+        migrate(engine)
+        db = make_sessionmaker(engine)
+        app.state.ctx = AppContext(settings=settings, db=db)
+        metrics.attach_database(db)
+        worker = None
+        if run_worker:
+            from service.jobs.worker import Worker
+
+            worker = Worker(settings, db, name=None)
+            thread = threading.Thread(target=worker.run_forever, name="job-worker", daemon=True)
+            thread.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop_event.set()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Sample difficulty service",
+        version="1.0.0",
+        description="Per-sample difficulty (relative Mahalanobis distance) from frozen pre-trained "
+        "encoders. Authenticate with 'Authorization: Bearer <key>' when the server has API keys.",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.settings = settings
+    install_handlers(app)
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _remove_stale_spools(settings: Settings) -> None:
+    # Spool folders of uploads cut off by a crash; recent ones may belong to another process.
+    now = time.time()
+    for path in settings.tmp_dir.glob("upload-*"):
+        try:
+            if now - path.stat().st_mtime > STALE_SPOOL_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass

@@ -1,0 +1,235 @@
+"""Routes under /v1/datasets: thin (parse, authorise, call one operation, serialise)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.api import operations as ops
+from service.api import schemas
+from service.api.auth import tenant_of
+from service.api.multipart import receive_form
+from service.storage import scores as score_files
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+Tenant = Annotated[str, Depends(tenant_of)]
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+
+def _ctx(request: Request) -> ops.AppContext:
+    return request.app.state.ctx
+
+
+def _multipart(fields: dict[str, str], required: list[str]) -> dict:
+    """OpenAPI for a multipart body we parse ourselves (streamed to disk)."""
+    properties = {
+        name: {"type": "string", "format": "binary", "description": text} for name, text in fields.items()
+    }
+    if "encoder" in fields:
+        properties["encoder"] = {"type": "string", "description": fields["encoder"]}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": properties, "required": required}
+                }
+            },
+        }
+    }
+
+
+ERRORS = {
+    401: {"description": "missing or unknown API key"},
+    404: {"description": "unknown dataset (or another tenant's)"},
+}
+
+
+@router.post("", status_code=201, response_model=schemas.Created, responses=ERRORS)
+def create_dataset(body: schemas.DatasetCreate, request: Request, tenant: Tenant) -> schemas.Created:
+    return ops.create_dataset(_ctx(request), tenant, body)
+
+
+@router.get("", response_model=schemas.DatasetList, responses=ERRORS)
+def list_datasets(request: Request, tenant: Tenant) -> schemas.DatasetList:
+    return ops.list_datasets(_ctx(request), tenant)
+
+
+@router.get("/{dataset_id}", response_model=schemas.DatasetOut, responses=ERRORS)
+def get_dataset(dataset_id: str, request: Request, tenant: Tenant) -> schemas.DatasetOut:
+    return ops.get_dataset(_ctx(request), tenant, dataset_id)
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=ERRORS)
+def delete_dataset(dataset_id: str, request: Request, tenant: Tenant) -> Response:
+    ops.delete_dataset(_ctx(request), tenant, dataset_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{dataset_id}/items",
+    status_code=201,
+    response_model=schemas.UploadOut,
+    responses={**ERRORS, 409: {"description": "dataset holds embeddings / duplicate IDs"},
+               413: {"description": "too large"}, 422: {"description": "archive refused"}},
+    openapi_extra=_multipart({"file": "zip or tar(.gz) archive in ImageFolder layout (<class>/<image>)"}, ["file"]),
+)
+async def upload_items(dataset_id: str, request: Request, tenant: Tenant) -> schemas.UploadOut:
+    ctx = _ctx(request)
+    await run_in_threadpool(ops.get_dataset, ctx, tenant, dataset_id)  # 404 before reading the body
+    form = await receive_form(
+        request, ops.spool_dir(ctx), max_bytes=ctx.settings.max_upload_bytes, file_fields={"file"}
+    )
+    return await run_in_threadpool(ops.accept_archive, ctx, tenant, dataset_id, form)
+
+
+@router.post(
+    "/{dataset_id}/embeddings",
+    status_code=201,
+    response_model=schemas.UploadOut,
+    responses={**ERRORS, 409: {"description": "duplicate IDs / dataset holds images"},
+               413: {"description": "too large"}, 422: {"description": "invalid embeddings or labels"}},
+    openapi_extra=_multipart(
+        {
+            "embeddings": ".npy of floats, N x D",
+            "labels": ".npy of ints/strings, or text with one label per line",
+            "ids": "optional: text with one sample ID per line (default: row index)",
+            "encoder": "optional: a name for these embeddings (recorded as the dataset's encoder)",
+        },
+        ["embeddings", "labels"],
+    ),
+)
+async def upload_embeddings(dataset_id: str, request: Request, tenant: Tenant) -> schemas.UploadOut:
+    ctx = _ctx(request)
+    await run_in_threadpool(ops.get_dataset, ctx, tenant, dataset_id)
+    form = await receive_form(
+        request,
+        ops.spool_dir(ctx),
+        max_bytes=ctx.settings.max_upload_bytes,
+        file_fields={"embeddings", "labels", "ids"},
+        text_fields={"encoder"},
+    )
+    return await run_in_threadpool(ops.accept_embeddings, ctx, tenant, dataset_id, form)
+
+
+@router.post(
+    "/{dataset_id}/fit",
+    status_code=202,
+    response_model=schemas.JobAccepted,
+    responses={**ERRORS, 409: {"description": "no items, or a fit job is already active"}},
+)
+def fit(
+    dataset_id: str,
+    request: Request,
+    tenant: Tenant,
+    options: Annotated[schemas.FitOptions | None, Body()] = None,
+) -> schemas.JobAccepted:
+    return ops.start_fit(_ctx(request), tenant, dataset_id, options or schemas.FitOptions())
+
+
+@router.get("/{dataset_id}/jobs", response_model=list[schemas.JobOut], responses=ERRORS)
+def list_jobs(dataset_id: str, request: Request, tenant: Tenant) -> list[schemas.JobOut]:
+    return ops.list_jobs(_ctx(request), tenant, dataset_id)
+
+
+@router.get(
+    "/{dataset_id}/scores",
+    response_model=schemas.ScorePage,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "a JSON page, or the whole table with format=arrow|parquet|csv",
+            "content": {ARROW_STREAM: {}, "application/vnd.apache.parquet": {}, "text/csv": {}},
+        },
+        400: {"description": "malformed cursor"},
+        409: {"description": "not fitted yet"},
+    },
+)
+def get_scores(
+    dataset_id: str,
+    request: Request,
+    tenant: Tenant,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=4096)] = None,
+    order: Literal["asc", "desc"] = "desc",
+    label: Annotated[str | None, Query(max_length=1000)] = None,
+    format: Literal["json", "arrow", "parquet", "csv"] = "json",
+):
+    ctx = _ctx(request)
+    if format == "json":
+        body = ops.scores_page(ctx, tenant, dataset_id, limit=limit, cursor=cursor, order=order, label=label)
+        return JSONResponse(body, headers={"X-Fit-Id": body["fit_id"]})
+    fit, directory = ops.current_fit(ctx, tenant, dataset_id)
+    headers = {"X-Fit-Id": fit.id}
+    if format == "arrow":
+        return StreamingResponse(score_files.arrow_stream(directory), media_type=ARROW_STREAM, headers=headers)
+    if format == "csv":
+        headers["Content-Disposition"] = f'attachment; filename="scores-{fit.id}.csv"'
+        return StreamingResponse(score_files.csv_stream(directory), media_type="text/csv", headers=headers)
+    return FileResponse(
+        score_files.parquet_path(directory),
+        media_type="application/vnd.apache.parquet",
+        filename=f"scores-{fit.id}.parquet",
+        headers=headers,
+    )
+
+
+@router.get(
+    "/{dataset_id}/summary",
+    response_model=schemas.Summary,
+    responses={**ERRORS, 409: {"description": "not fitted yet"}},
+)
+def get_summary(dataset_id: str, request: Request, tenant: Tenant) -> schemas.Summary:
+    return ops.summary(_ctx(request), tenant, dataset_id)
+
+
+@router.get("/{dataset_id}/failures", response_model=schemas.Failures, responses=ERRORS)
+def get_failures(
+    dataset_id: str, request: Request, tenant: Tenant, limit: Annotated[int, Query(ge=1, le=100000)] = 1000
+) -> schemas.Failures:
+    return ops.failures(_ctx(request), tenant, dataset_id, limit)
+
+
+@router.get(
+    "/{dataset_id}/samples/{sample_id:path}/neighbors",
+    response_model=schemas.Neighbors,
+    responses={**ERRORS, 409: {"description": "not fitted yet"}},
+)
+def get_neighbors(
+    dataset_id: str,
+    sample_id: str,
+    request: Request,
+    tenant: Tenant,
+    k: Annotated[int, Query(ge=1, le=1000)] = 10,
+) -> schemas.Neighbors:
+    return ops.neighbors(_ctx(request), tenant, dataset_id, sample_id, k)
+
+
+@router.post(
+    "/{dataset_id}/score",
+    response_model=schemas.NewScores,
+    responses={**ERRORS, 409: {"description": "not fitted yet"}, 413: {"description": "too many items"},
+               422: {"description": "invalid input"}},
+    openapi_extra=_multipart(
+        {
+            "embeddings": ".npy of floats, N x D (same encoder as the dataset)",
+            "labels": "optional: labels for rmd (.npy or text lines)",
+            "ids": "optional: text with one ID per line",
+            "file": "or: an archive of images (<class>/<image>)",
+        },
+        [],
+    ),
+)
+async def score_items(dataset_id: str, request: Request, tenant: Tenant) -> schemas.NewScores:
+    ctx = _ctx(request)
+    await run_in_threadpool(ops.current_fit, ctx, tenant, dataset_id)
+    form = await receive_form(
+        request,
+        ops.spool_dir(ctx),
+        max_bytes=ctx.settings.max_upload_bytes,
+        file_fields={"embeddings", "labels", "ids", "file"},
+    )
+    return await run_in_threadpool(ops.score_new, ctx, tenant, dataset_id, form)

@@ -1,0 +1,180 @@
+"""Wire schemas (the public contract of SPEC section 3, extended)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DatasetCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    encoder: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="open_clip:<model>:<tag or checkpoint>, efficientnet-lite0, or a name for "
+        "precomputed embeddings (default open_clip:ViT-B-16:openai)",
+    )
+
+
+class FitOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    normalize: bool = True
+    shrinkage: Literal["auto"] | float = Field(default="auto", description="'auto' or a number in [0, 1]")
+
+
+class ClassCount(BaseModel):
+    label: str
+    count: int
+
+
+class FitOut(BaseModel):
+    id: str
+    created_at: datetime
+    normalize: bool
+    shrinkage: float
+    shrinkage_agnostic: float
+    shrinkage_requested: Any = None
+    encoder: str
+    weights_sha256: str | None
+    num_scored: int
+    dim: int
+    knn_k: int | None
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    encoder: str
+    created_at: datetime
+    num_items: int
+    num_embedded: int
+    num_failed: int
+    classes: list[ClassCount]
+    fit: FitOut | None
+    active_job_id: str | None
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+
+
+class Created(BaseModel):
+    id: str
+    name: str
+    encoder: str
+
+
+class UploadOut(BaseModel):
+    dataset_id: str
+    upload_id: int
+    kind: Literal["archive", "embeddings"]
+    num_items: int
+    classes: list[ClassCount]
+    encoder: str
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    state: str
+
+
+class Progress(BaseModel):
+    done: int = 0
+    total: int | None = None
+    per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    dataset_id: str
+    kind: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: str | None
+    progress: Progress
+    error: str | None
+    result: dict[str, Any] | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ScoreItem(BaseModel):
+    sample_id: str
+    label: str
+    rmd: float
+    md_class: float
+    md_agnostic: float
+    rmd_min: float
+    predicted_label: str
+    knn_agreement: float | None = None
+
+
+class ScorePage(BaseModel):
+    items: list[ScoreItem]
+    next_cursor: str | None
+    fit_id: str
+
+
+class NewItemScore(BaseModel):
+    sample_id: str
+    label: str | None = None
+    rmd: float | None = None
+    md_class: float | None = None
+    md_agnostic: float
+    rmd_min: float
+    predicted_label: str
+
+
+class NewScores(BaseModel):
+    fit_id: str
+    items: list[NewItemScore]
+    failures: list[dict[str, str]] = []
+
+
+class ClassSummary(BaseModel):
+    label: str
+    count: int
+    rmd_mean: float
+    rmd_p10: float
+    rmd_p50: float
+    rmd_p90: float
+    rmd_p99: float
+    predicted_differs: float = Field(description="share of the class whose predicted_label differs from its label")
+
+
+class Summary(BaseModel):
+    fit_id: str
+    classes: list[ClassSummary]
+
+
+class Neighbor(BaseModel):
+    sample_id: str
+    label: str | None
+    similarity: float
+
+
+class Neighbors(BaseModel):
+    fit_id: str
+    sample_id: str
+    label: str | None
+    neighbors: list[Neighbor]
+
+
+class Failure(BaseModel):
+    sample_id: str
+    reason: str
+
+
+class Failures(BaseModel):
+    count: int
+    items: list[Failure]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

@@ -1,0 +1,155 @@
+"""Validate an uploaded archive before anything reads it: refuse what could escape the dataset's
+folder or exhaust the machine.
+
+Refused (``ArchiveError``, a 4xx for the API): not a zip/tar, absolute member paths, ``..``
+components, backslashes or NUL in names, symlinks and hardlinks, device files and FIFOs,
+duplicate names, too many members, too many uncompressed bytes in total (zip/tar bombs), and
+archives without any ``<class>/<file>`` member. Nothing is extracted here.
+"""
+
+from __future__ import annotations
+
+import stat
+import tarfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+# A zip member that claims to expand more than this ratio is a bomb, whatever the total.
+MAX_COMPRESSION_RATIO = 1000
+_RATIO_MIN_BYTES = 1 << 20
+
+
+class ArchiveError(ValueError):
+    """The archive is refused; the message says which member and why."""
+
+
+@dataclass(frozen=True)
+class ArchiveMember:
+    name: str  # normalised path inside the archive = the sample ID
+    size: int  # uncompressed bytes
+    label: str  # first path component
+
+
+def normalise_member_name(raw: str) -> str | None:
+    """The member's path as a sample ID, or None for entries that are not samples (hidden or
+    OS metadata files). Raises ArchiveError for names that could escape the folder."""
+    if "\x00" in raw or "\\" in raw:
+        raise ArchiveError(f"archive member {raw!r} has a backslash or NUL in its name")
+    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
+        raise ArchiveError(f"archive member {raw!r} has an absolute path")
+    parts = [p for p in PurePosixPath(raw).parts if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveError(f"archive member {raw!r} contains '..'")
+    if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return None
+    return "/".join(parts)
+
+
+def inspect_archive(
+    path: Path, *, max_members: int = 2_000_000, max_total_bytes: int = 64 * 1024**3
+) -> list[ArchiveMember]:
+    """The sample members of a zip or tar(.gz/.bz2/.xz) archive, after refusing unsafe ones."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        raw = _zip_members(path)
+    elif _is_tar(path):
+        raw = _tar_members(path, max_members, max_total_bytes)
+    else:
+        raise ArchiveError("the upload is not a zip or tar(.gz) archive")
+    members: list[ArchiveMember] = []
+    total = 0
+    for name, size in raw:
+        total += size
+        if len(members) >= max_members:
+            raise ArchiveError(f"archive has more than {max_members} members (limit)")
+        if total > max_total_bytes:
+            raise ArchiveError(
+                f"archive expands to more than {max_total_bytes} bytes (limit); split it into smaller uploads"
+            )
+        sample_id = normalise_member_name(name)
+        if sample_id is None:
+            continue
+        parts = sample_id.split("/")
+        if len(parts) < 2:
+            raise ArchiveError(
+                f"archive member {name!r} is not inside a class folder: use <class>/<image> (ImageFolder layout)"
+            )
+        members.append(ArchiveMember(sample_id, size, parts[0]))
+    if not members:
+        raise ArchiveError("archive holds no <class>/<image> files")
+    duplicates = [n for n, c in Counter(m.name for m in members).items() if c > 1]
+    if duplicates:
+        raise ArchiveError(f"archive has {len(duplicates)} duplicate member names (first: {duplicates[0]!r})")
+    return members
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+
+
+def _zip_members(path: Path) -> list[tuple[str, int]]:
+    out = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                mode = info.external_attr >> 16
+                kind = stat.S_IFMT(mode)
+                if kind == stat.S_IFLNK:
+                    raise ArchiveError(f"archive member {info.filename!r} is a symlink")
+                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    raise ArchiveError(f"archive member {info.filename!r} is a device file, FIFO or socket")
+                normalise_member_name(info.filename)  # refuses escaping names, dirs included
+                if info.is_dir():
+                    continue
+                if (
+                    info.file_size > _RATIO_MIN_BYTES
+                    and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)
+                ):
+                    raise ArchiveError(
+                        f"archive member {info.filename!r} expands more than {MAX_COMPRESSION_RATIO}x (zip bomb)"
+                    )
+                out.append((info.filename, info.file_size))
+    except zipfile.BadZipFile as exc:
+        raise ArchiveError(f"the zip archive is corrupt: {exc}") from None
+    return out
+
+
+def _tar_members(path: Path, max_members: int, max_total_bytes: int) -> list[tuple[str, int]]:
+    out = []
+    total = 0
+    try:
+        # Streaming mode: members are read in order without building an index in memory first.
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                if member.issym() or member.islnk():
+                    raise ArchiveError(f"archive member {member.name!r} is a symlink or hardlink")
+                if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+                    raise ArchiveError(f"archive member {member.name!r} is a device file or FIFO")
+                normalise_member_name(member.name)
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise ArchiveError(f"archive member {member.name!r} is not a regular file")
+                total += member.size
+                # Stop early on bombs instead of decompressing the whole stream first.
+                if total > max_total_bytes:
+                    raise ArchiveError(
+                        f"archive expands to more than {max_total_bytes} bytes (limit); split it into smaller uploads"
+                    )
+                if len(out) >= max_members:
+                    raise ArchiveError(f"archive has more than {max_members} members (limit)")
+                out.append((member.name, member.size))
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+        raise ArchiveError(f"the tar archive is corrupt or truncated: {exc}") from None
+    return out
+
+
+def zlib_error() -> type[Exception]:
+    import zlib
+
+    return zlib.error

@@ -1,0 +1,164 @@
+"""The job queue in the database.
+
+States: queued -> running (leased by one worker, renewed by heartbeats) -> succeeded | failed |
+cancelled. A running job whose lease expired (its worker died) is claimable again; the job code
+resumes from what is already on disk. Claims are compare-and-set UPDATEs, so they are safe
+between processes on SQLite and PostgreSQL alike without row locks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.storage.database import Job, utcnow
+
+ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+# A job that killed this many workers is failed rather than handed to the next one.
+MAX_ATTEMPTS = 5
+
+
+class JobConflict(Exception):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+def active_job(session: Session, dataset_id: str) -> Job | None:
+    return session.scalars(
+        select(Job).where(Job.dataset_id == dataset_id, Job.state.in_(ACTIVE)).limit(1)
+    ).first()
+
+
+def enqueue(session: Session, *, dataset_id: str, tenant: str, kind: str, options: dict[str, Any]) -> Job:
+    """Queue a job; one active job per dataset (a second one would race on its files)."""
+    existing = active_job(session, dataset_id)
+    if existing is not None:
+        raise JobConflict(existing.id)
+    job = Job(
+        dataset_id=dataset_id,
+        tenant=tenant,
+        kind=kind,
+        state="queued",
+        options=options,
+        progress={"done": 0, "total": None, "per_second": None, "eta_seconds": None},
+        attempts=0,
+        cancel_requested=False,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def _claimable(now: float):  # type: ignore[no-untyped-def]
+    return or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < now))
+
+
+def claim(db: sessionmaker, owner: str, lease_seconds: float) -> Job | None:
+    """Take the oldest queued job, or a running one whose lease expired; None if there is none."""
+    with db() as session:
+        now = time.time()
+        candidates = session.scalars(
+            select(Job.id).where(_claimable(now)).order_by(Job.created_at).limit(8)
+        ).all()
+        for job_id in candidates:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, _claimable(now))
+                .values(
+                    state="running",
+                    lease_owner=owner,
+                    lease_expires_at=now + lease_seconds,
+                    heartbeat_at=now,
+                    attempts=Job.attempts + 1,
+                )
+            )
+            session.commit()
+            if result.rowcount == 1:
+                job = session.get(Job, job_id)
+                if job is not None and job.started_at is None:
+                    job.started_at = utcnow()
+                    session.commit()
+                return job
+    return None
+
+
+def heartbeat(
+    db: sessionmaker,
+    job_id: str,
+    owner: str,
+    lease_seconds: float,
+    *,
+    stage: str | None = None,
+    progress: dict[str, Any] | None = None,
+) -> tuple[bool, bool]:
+    """Renew the lease and publish progress. Returns (still owned, cancel requested)."""
+    values: dict[str, Any] = {"lease_expires_at": time.time() + lease_seconds, "heartbeat_at": time.time()}
+    if stage is not None:
+        values["stage"] = stage
+    if progress is not None:
+        values["progress"] = progress
+    with db() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+            .values(**values)
+        )
+        session.commit()
+        cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return result.rowcount == 1, bool(cancel)
+
+
+def finish(
+    db: sessionmaker,
+    job_id: str,
+    owner: str,
+    state: str,
+    *,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
+    session: Session | None = None,
+) -> bool:
+    """Move an owned running job to a final state. With ``session``, joins its transaction (so a
+    fit's catalogue rows and the job's success commit together); otherwise commits itself."""
+    assert state in FINAL
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+        .values(state=state, error=error, result=result, finished_at=utcnow(), lease_expires_at=None)
+    )
+    if progress is not None:
+        progress = dict(progress)
+        stage = progress.pop("stage", None)
+        statement = statement.values(progress=progress, **({"stage": stage} if stage else {}))
+    if session is not None:
+        return session.execute(statement).rowcount == 1
+    with db() as own:
+        count = own.execute(statement).rowcount
+        own.commit()
+    return count == 1
+
+
+def request_cancel(session: Session, job: Job) -> None:
+    """Queued jobs are cancelled at once; running ones stop at their next chunk boundary."""
+    if job.state == "queued":
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == "queued")
+            .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
+        )
+    elif job.state == "running":
+        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    session.flush()
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    from sqlalchemy import func
+
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {state: int(n) for state, n in rows}

@@ -1,0 +1,159 @@
+"""The worker loop: claim a job, run it under a heartbeat-renewed lease, record the outcome.
+
+The embedded server runs one ``Worker`` in a thread; ``difficulty worker`` runs it as its own
+process (start several to scale). Workers share nothing but the database and the data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+
+from sqlalchemy.orm import sessionmaker
+
+from service.jobs import queue
+from service.jobs.context import JobContext, JobFailed, JobStopped
+from service.jobs.fit import run_fit_job
+from service.settings import Settings, SettingsError, load_settings
+from service.storage.database import Job, make_engine, make_sessionmaker, migrate
+
+log = logging.getLogger("service.worker")
+
+# Counts for /metrics in the embedded server (separate workers report through the database).
+EMBEDDED_TOTAL = {"items": 0}
+
+
+class Worker:
+    def __init__(self, settings: Settings, db: sessionmaker, name: str | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.owner = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stop_event = threading.Event()
+
+    def run_forever(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # the database may be briefly unreachable: keep the loop alive
+                log.exception("worker loop error")
+                ran = False
+            if not ran:
+                self.stop_event.wait(self.settings.poll_seconds)
+
+    def run_once(self) -> bool:
+        job = queue.claim(self.db, self.owner, self.settings.lease_seconds)
+        if job is None:
+            return False
+        log.info("job %s claimed by %s (attempt %d)", job.id, self.owner, job.attempts)
+        self.execute(job)
+        return True
+
+    def execute(self, job: Job) -> None:
+        if job.cancel_requested:
+            queue.finish(self.db, job.id, self.owner, "cancelled", error="cancelled by request")
+            return
+        if job.attempts > queue.MAX_ATTEMPTS:
+            queue.finish(
+                self.db,
+                job.id,
+                self.owner,
+                "failed",
+                error=f"the job was interrupted {job.attempts - 1} times (its workers died); "
+                "check the worker logs (out of memory?) and start a new fit",
+            )
+            return
+        ctx = JobContext(job.id, self.owner, chunk_delay_seconds=self.settings.chunk_delay_seconds)
+        beat = threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True)
+        finished = threading.Event()
+        ctx.finished = finished  # type: ignore[attr-defined]
+        beat.start()
+        try:
+            if job.kind != "fit":
+                raise JobFailed(f"unknown job kind {job.kind!r}")
+            run_fit_job(job, ctx, self.settings, self.db)
+        except JobStopped:
+            if ctx.cancel_requested and not ctx.lease_lost:
+                queue.finish(self.db, job.id, self.owner, "cancelled", error="cancelled by request",
+                             progress=_progress(ctx))
+            log.info("job %s stopped (%s)", job.id, "cancelled" if ctx.cancel_requested else "lease lost")
+        except JobFailed as exc:
+            queue.finish(self.db, job.id, self.owner, "failed", error=str(exc), progress=_progress(ctx))
+        except Exception as exc:  # keep the worker alive; tell the user what happened and where
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            queue.finish(
+                self.db,
+                job.id,
+                self.owner,
+                "failed",
+                error=f"unexpected error during {ctx.stage or 'start-up'}: {type(exc).__name__}: {exc} "
+                "(the worker log has the traceback; retry the fit, and report it if it repeats)",
+            )
+        finally:
+            finished.set()
+            beat.join(timeout=5)
+
+    def _heartbeat(self, ctx: JobContext) -> None:
+        # Publishes progress about once a second and renews the lease; a lost lease or a cancel
+        # request is seen by the job at its next chunk boundary.
+        interval = min(1.0, self.settings.heartbeat_seconds)
+        last_renew = 0.0
+        while not ctx.finished.wait(interval):  # type: ignore[attr-defined]
+            now = time.monotonic()
+            if not ctx.changed.is_set() and now - last_renew < self.settings.heartbeat_seconds:
+                continue
+            ctx.changed.clear()
+            try:
+                snapshot = ctx.snapshot()
+                owned, cancel = queue.heartbeat(
+                    self.db,
+                    ctx.job_id,
+                    self.owner,
+                    self.settings.lease_seconds,
+                    stage=snapshot.pop("stage"),
+                    progress=snapshot,
+                )
+                last_renew = now
+            except Exception:
+                log.exception("heartbeat failed")
+                continue
+            ctx.lease_lost = ctx.lease_lost or not owned
+            ctx.cancel_requested = ctx.cancel_requested or cancel
+
+
+def _progress(ctx: JobContext) -> dict:
+    return ctx.snapshot()
+
+
+def open_database(settings: Settings) -> sessionmaker:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    return make_sessionmaker(engine)
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(getattr(args, "data_dir", None))
+    except SettingsError as exc:
+        print(f"difficulty worker: error: {exc}")
+        return 2
+    db = open_database(settings)
+    worker = Worker(settings, db)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
+    log.info("worker %s: data dir %s, database %s", worker.owner, settings.data_dir,
+             db.kw["bind"].url.render_as_string(hide_password=True))
+    if getattr(args, "once", False):
+        worker.run_once()
+        return 0
+    with contextlib.suppress(KeyboardInterrupt):
+        worker.run_forever()
+    return 0

@@ -1,0 +1,138 @@
+"""Service settings: environment variables, overridden by command-line flags.
+
+Every setting has an environment variable ``DIFFICULTY_<NAME>`` so that the API process and
+separately started workers agree without sharing a config file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_ENCODER = "open_clip:ViT-B-16:openai"
+ANONYMOUS_TENANT = "default"
+
+
+class SettingsError(ValueError):
+    """A setting is malformed; the message names the variable and the expected form."""
+
+
+def parse_api_keys(raw: str | None) -> dict[str, str]:
+    """``DIFFICULTY_API_KEYS`` -> {key: tenant}.
+
+    Comma-separated entries, each ``tenant:key`` (the tenant is named) or a bare ``key`` (the
+    tenant is a digest of the key, so the key itself is never written to the database).
+    """
+    keys: dict[str, str] = {}
+    for entry in (raw or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        tenant, sep, key = entry.partition(":")
+        if not sep:
+            key, tenant = entry, "key-" + hashlib.sha256(entry.encode()).hexdigest()[:12]
+        tenant, key = tenant.strip(), key.strip()
+        if not tenant or not key:
+            raise SettingsError(
+                f"DIFFICULTY_API_KEYS entry {entry!r} is malformed: use 'tenant:key' or 'key'"
+            )
+        if key in keys and keys[key] != tenant:
+            raise SettingsError("DIFFICULTY_API_KEYS gives the same key to two tenants")
+        keys[key] = tenant
+    return keys
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    api_keys: dict[str, str] = field(default_factory=dict)
+    max_upload_bytes: int = 8 * 1024**3
+    # Archive limits (zip/tar bombs): members and total uncompressed bytes.
+    max_archive_members: int = 2_000_000
+    max_archive_bytes: int = 64 * 1024**3
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    poll_seconds: float = 1.0
+    # Rows per embedding-store chunk written by jobs (the unit of resumption).
+    chunk_rows: int = 65536
+    image_chunk_rows: int = 1024
+    # Test-only: sleep this long after each finished chunk, so a test can kill a worker mid-job.
+    chunk_delay_seconds: float = 0.0
+    # kNN label agreement is exact kNN over the whole dataset: skipped above this many samples.
+    knn_max_items: int = 50_000
+    knn_k: int = 10
+    # New items scored synchronously per request.
+    score_max_items: int = 100_000
+    default_encoder: str = DEFAULT_ENCODER
+    device: str = "auto"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def tmp_dir(self) -> Path:
+        # Uploads are spooled here, on the data dir's file system, so the final rename is atomic
+        # and nothing is written outside the data dir (no system /tmp).
+        return self.data_dir / "tmp"
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'difficulty.db').resolve()}"
+
+
+def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
+    """Settings from the environment; ``data_dir`` (a CLI flag) wins over DIFFICULTY_DATA_DIR."""
+    root = Path(data_dir or os.environ.get("DIFFICULTY_DATA_DIR") or "./data").resolve()
+    return Settings(
+        data_dir=root,
+        database_url=os.environ.get("DIFFICULTY_DATABASE_URL") or default_database_url(root),
+        api_keys=parse_api_keys(os.environ.get("DIFFICULTY_API_KEYS")),
+        max_upload_bytes=_env_int("DIFFICULTY_MAX_UPLOAD_BYTES", Settings.max_upload_bytes),
+        max_archive_members=_env_int("DIFFICULTY_MAX_ARCHIVE_MEMBERS", Settings.max_archive_members),
+        max_archive_bytes=_env_int("DIFFICULTY_MAX_ARCHIVE_BYTES", Settings.max_archive_bytes),
+        lease_seconds=_env_float("DIFFICULTY_LEASE_SECONDS", Settings.lease_seconds),
+        heartbeat_seconds=_env_float(
+            "DIFFICULTY_HEARTBEAT_SECONDS",
+            min(Settings.heartbeat_seconds, _env_float("DIFFICULTY_LEASE_SECONDS", 60.0) / 3),
+        ),
+        poll_seconds=_env_float("DIFFICULTY_POLL_SECONDS", Settings.poll_seconds),
+        chunk_rows=max(1, _env_int("DIFFICULTY_CHUNK_ROWS", Settings.chunk_rows)),
+        image_chunk_rows=max(1, _env_int("DIFFICULTY_IMAGE_CHUNK_ROWS", Settings.image_chunk_rows)),
+        chunk_delay_seconds=_env_float("DIFFICULTY_CHUNK_DELAY_SECONDS", 0.0),
+        knn_max_items=_env_int("DIFFICULTY_KNN_MAX_ITEMS", Settings.knn_max_items),
+        knn_k=max(1, _env_int("DIFFICULTY_KNN_K", Settings.knn_k)),
+        score_max_items=_env_int("DIFFICULTY_SCORE_MAX_ITEMS", Settings.score_max_items),
+        default_encoder=os.environ.get("DIFFICULTY_DEFAULT_ENCODER") or DEFAULT_ENCODER,
+        device=os.environ.get("DIFFICULTY_DEVICE") or "auto",
+    )
