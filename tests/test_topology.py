@@ -33,6 +33,8 @@ if importlib.util.find_spec("service.jobs.worker") is None:  # only while the wo
 import httpx  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
+from service.storage import layout  # noqa: E402
+
 POSTGRES_URL = os.environ.get("DIFFICULTY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 API_KEY = "topology-test-key"
 
@@ -155,7 +157,7 @@ def topology(tmp_path, database_url):
                     break
             assert time.monotonic() < deadline, "the API did not become healthy:\n" + procs.logs()
             time.sleep(0.3)
-        yield client, workers, procs, create_engine(database_url)
+        yield client, workers, procs, create_engine(database_url), Path(env["DIFFICULTY_DATA_DIR"])
     finally:
         procs.stop_all()
 
@@ -219,6 +221,11 @@ def lease(engine, job_id: str) -> tuple[str | None, int]:
     return row[0], int(row[1])
 
 
+def chunk_files(store_dir: Path) -> dict[str, int]:
+    """Durable chunks of an embedding store -> modification time (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in store_dir.glob("chunk-*.npz")}
+
+
 def owner_pid(owner: str) -> int:
     """Worker owners are 'host:pid:suffix' (service.jobs.worker.Worker)."""
     return int(owner.split(":")[1])
@@ -259,7 +266,7 @@ def assert_same_scores(got: pa.Table, expected: pa.Table) -> None:
 
 
 def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
-    client, workers, procs, engine = topology
+    client, workers, procs, engine, data_dir = topology
     data_a, data_b = make_data(1), make_data(2)
     dataset_a = create_dataset(client, "topology-a", data_a)
     dataset_b = create_dataset(client, "topology-b", data_b)
@@ -281,6 +288,8 @@ def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
     assert done < N_ROWS, "job A got past its embedding stage before the kill: nothing to resume"
 
     # SIGKILL the worker that holds job A: no clean-up, no lease release.
+    store_a = layout.store_dir(data_dir, dataset_a)
+    chunks_before_kill = chunk_files(store_a)
     victim = next(w for w in workers if w.pid == owner_pid(owner_a))
     survivor = next(w for w in workers if w is not victim)
     os.kill(victim.pid, signal.SIGKILL)
@@ -292,6 +301,10 @@ def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
     assert owner_pid(owner) == survivor.pid and attempts == 2, (owner, attempts)
     assert owner_pid(lease(engine, job_b)[0]) == survivor.pid
     assert survivor.poll() is None, "the surviving worker died:\n" + procs.logs()
+    # Resumed, not restarted: the chunks finished before the kill were not written again.
+    chunks_after = chunk_files(store_a)
+    assert len(chunks_after) == N_ROWS // CHUNK_ROWS
+    assert chunks_before_kill and all(chunks_after[n] == t for n, t in chunks_before_kill.items())
 
     # Uninterrupted reference: the same data in fresh datasets, fitted by the survivor alone.
     reference_a = create_dataset(client, "reference-a", data_a)
