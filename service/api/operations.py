@@ -44,6 +44,7 @@ class AppContext:
     db: sessionmaker
     indexes: IndexCache = field(default_factory=IndexCache)
     _models: OrderedDict[str, GaussianModel] = field(default_factory=OrderedDict)
+    _encoders: dict[str, object] = field(default_factory=dict)
     _upload_locks: dict[str, threading.Lock] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -51,6 +52,16 @@ class AppContext:
         # Serialises uploads to one dataset in this process (duplicate-ID checks, encoder switch).
         with self._lock:
             return self._upload_locks.setdefault(dataset_id, threading.Lock())
+
+    def encoder(self, name: str) -> object:
+        """One loaded image encoder per name, kept for later scoring requests."""
+        from service.jobs.fit import _load_encoder
+
+        with self._lock:
+            if name not in self._encoders:
+                self._encoders.clear()  # at most one model in memory
+                self._encoders[name] = _load_encoder(name, self.settings)
+            return self._encoders[name]
 
     def model(self, dataset_id: str, fit_id: str) -> GaussianModel:
         with self._lock:
@@ -494,7 +505,6 @@ def score_new(ctx: AppContext, tenant: str, dataset_id: str, form: Form) -> sche
 
 def _embed_archive_for_scoring(ctx: AppContext, fit: Fit, form: Form):  # type: ignore[no-untyped-def]
     from service.jobs.context import JobFailed
-    from service.jobs.fit import _load_encoder
 
     if not is_image_encoder(fit.encoder):
         raise ApiError(409, "this dataset was fitted on precomputed embeddings: send 'embeddings', not an archive")
@@ -505,7 +515,7 @@ def _embed_archive_for_scoring(ctx: AppContext, fit: Fit, form: Form):  # type: 
     except ArchiveError as exc:
         raise ApiError(422, f"archive refused: {exc}") from None
     try:
-        encoder = _load_encoder(fit.encoder, ctx.settings)
+        encoder = ctx.encoder(fit.encoder)
     except JobFailed as exc:
         raise ApiError(422, str(exc)) from None
     from service.ingest import open_source
