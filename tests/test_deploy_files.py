@@ -218,7 +218,7 @@ def test_compose_healthchecks_restarts_and_ordering(compose):
         test = service.get("healthcheck", {}).get("test")
         assert test and not service["healthcheck"].get("disable"), f"{name} has a health check"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
-    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    assert "/readyz" in " ".join(services["api"]["healthcheck"]["test"])
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
 

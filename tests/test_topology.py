@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(600)]
 
@@ -35,6 +37,7 @@ from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
 from service.storage import layout  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("DIFFICULTY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 API_KEY = "topology-test-key"
 
@@ -76,6 +79,7 @@ class Processes:
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         self.log_dir, self.env = log_dir, env
         self.procs: dict[str, subprocess.Popen] = {}
+        self.port = 0  # the API's, once started
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
@@ -157,6 +161,7 @@ def topology(tmp_path, database_url):
                     break
             assert time.monotonic() < deadline, "the API did not become healthy:\n" + procs.logs()
             time.sleep(0.3)
+        procs.port = port
         yield client, workers, procs, create_engine(database_url), Path(env["DIFFICULTY_DATA_DIR"])
     finally:
         procs.stop_all()
@@ -262,11 +267,32 @@ def assert_same_scores(got: pa.Table, expected: pa.Table) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max(), err_msg=column)
 
 
+def container_healthchecks() -> dict[str, list[str]]:
+    """The health-check commands of docker/compose.yaml and docker/Dockerfile (exec form)."""
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    checks = {f"compose {name}": service["healthcheck"]["test"]
+              for name, service in compose["services"].items() if name != "postgres"}
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(line for line in dockerfile.splitlines() if line.startswith("HEALTHCHECK"))
+    checks["Dockerfile"] = ["CMD", *json.loads(line.split(" CMD ", 1)[1])]
+    return checks
+
+
 # --- the test --------------------------------------------------------------------------------
 
 
 def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
     client, workers, procs, engine, data_dir = topology
+
+    # The containers' health checks pass against the same processes (the API's port is 8000 in
+    # the container, a free port here; `python` is the image's virtualenv interpreter).
+    for name, test in container_healthchecks().items():
+        assert test[0] == "CMD" and test[1] == "python", name
+        command = [sys.executable, *(a.replace(":8000/", f":{procs.port}/") for a in test[2:])]
+        assert ("urllib" in command[-1]) == (f":{procs.port}/" in command[-1]), name
+        result = subprocess.run(command, env=procs.env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{name} health check failed: {result.stderr}"
+
     data_a, data_b = make_data(1), make_data(2)
     dataset_a = create_dataset(client, "topology-a", data_a)
     dataset_b = create_dataset(client, "topology-b", data_b)
