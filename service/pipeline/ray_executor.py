@@ -60,9 +60,14 @@ class RaySettings:
 class EmbedChunks:
     """Ray Data actor: holds one encoder, embeds one chunk (row) per call."""
 
-    def __init__(self, encoder_name: str, device: str, batch_size: int, num_workers: int | None) -> None:
+    def __init__(self, encoder_name: str, device: str, batch_size: int, num_workers: int | None, cpus: float) -> None:
+        import torch
+
         from service.encoders import load_encoder
 
+        # Ray pins OMP_NUM_THREADS to the actor's whole CPUs (1 for fractional requests); use
+        # what the actor reserved for the forward pass on CPU.
+        torch.set_num_threads(max(1, int(round(cpus))))
         self.encoder = load_encoder(encoder_name, device=device)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -242,6 +247,7 @@ def _run_window(
             "device": device,
             "batch_size": batch_size,
             "num_workers": num_workers,
+            "cpus": settings.cpus_per_actor,
         },
         batch_size=1,
         batch_format="numpy",
