@@ -15,11 +15,10 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +32,12 @@ if importlib.util.find_spec("service.jobs.worker") is None:  # only while the wo
     pytest.skip("service.jobs.worker does not exist yet: no `difficulty worker` to run", allow_module_level=True)
 
 import httpx  # noqa: E402
-from sqlalchemy import create_engine, make_url, text  # noqa: E402
+from apiserver import PostgresUnavailable, postgres_database, running_server, running_worker  # noqa: E402
+from sqlalchemy import Engine, create_engine, text  # noqa: E402
 
 from service.storage import layout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-POSTGRES_URL = os.environ.get("DIFFICULTY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 API_KEY = "topology-test-key"
 
 # Small and slow on purpose: 12 chunks of 250 rows with a pause after each, so a job takes a few
@@ -46,125 +45,56 @@ API_KEY = "topology-test-key"
 N_ROWS, DIM, N_CLASSES = 3000, 48, 6
 CHUNK_ROWS = 250
 SERVICE_ENV = {
-    "DIFFICULTY_API_KEYS": f"topology:{API_KEY}",
     "DIFFICULTY_CHUNK_ROWS": str(CHUNK_ROWS),
     "DIFFICULTY_CHUNK_DELAY_SECONDS": "0.5",
     "DIFFICULTY_LEASE_SECONDS": "4",
     "DIFFICULTY_HEARTBEAT_SECONDS": "1",
     "DIFFICULTY_POLL_SECONDS": "0.2",
-    "HF_HUB_OFFLINE": "1",
 }
 FLOAT_COLUMNS = ("rmd", "md_class", "md_agnostic", "rmd_min")
 EXACT_COLUMNS = ("sample_id", "label", "predicted_label")
 
 
-# --- processes -------------------------------------------------------------------------------
+# --- the topology ----------------------------------------------------------------------------
 
 
-def difficulty_command() -> list[str]:
-    """The installed console script (as in the image), else the module."""
-    script = Path(sys.executable).with_name("difficulty")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Subprocesses with their output in log files, shown when a check fails."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir, self.env = log_dir, env
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.port = 0  # the API's, once started
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(
-            [*difficulty_command(), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()  # the child holds its own descriptor
-        self.procs[name] = proc
-        return proc
+@dataclass
+class Topology:
+    client: httpx.Client
+    base_url: str
+    workers: list[subprocess.Popen]
+    engine: Engine  # the service's database, for the queue's lease columns
+    database_url: str
+    data_dir: Path
 
     def logs(self) -> str:
-        parts = []
-        for name in self.procs:
-            tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
-            parts.append(f"--- {name} (exit {self.procs[name].poll()}) ---\n{tail}")
-        return "\n".join(parts)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-# --- fixtures --------------------------------------------------------------------------------
+        """Tails of the API and worker logs (tests/apiserver.py writes them beside the data dir)."""
+        paths = sorted(self.data_dir.parent.glob("server-*.log")) + [w.log_path for w in self.workers]
+        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}" for p in paths)
 
 
 @pytest.fixture
-def database_url():
-    """A fresh PostgreSQL database for this test, dropped afterwards."""
-    base = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg2")
-    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception as exc:  # any connection failure means the same here
-        admin.dispose()
-        message = f"PostgreSQL is not reachable at {POSTGRES_URL}: {type(exc).__name__}"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI must provide it: scripts/test-services.sh)")
-        pytest.skip(message)
-    name = f"difficulty_topo_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture
-def topology(tmp_path, database_url):
-    """`difficulty serve --no-worker` + two `difficulty worker`, sharing a data dir and database."""
-    env = {**os.environ, **SERVICE_ENV, "DIFFICULTY_DATABASE_URL": database_url,
-           "DIFFICULTY_DATA_DIR": str(tmp_path / "data")}
-    (tmp_path / "logs").mkdir()
-    procs = Processes(tmp_path / "logs", env)
-    port = free_port()
-    try:
-        procs.start("api", "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port))
-        workers = [procs.start(f"worker{i}", "worker") for i in (1, 2)]
-        client = httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {API_KEY}"},
-            timeout=30,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            assert procs.procs["api"].poll() is None, "the API exited:\n" + procs.logs()
-            with contextlib.suppress(httpx.TransportError):
-                if client.get("/healthz").status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the API did not become healthy:\n" + procs.logs()
-            time.sleep(0.3)
-        procs.port = port
-        yield client, workers, procs, create_engine(database_url), Path(env["DIFFICULTY_DATA_DIR"])
-    finally:
-        procs.stop_all()
+def topology(tmp_path):
+    """`difficulty serve --no-worker` + two `difficulty worker` on a fresh PostgreSQL database,
+    sharing one data dir and one environment: the compose services without containers."""
+    data_dir = tmp_path / "data"
+    with contextlib.ExitStack() as stack:
+        try:
+            database_url = stack.enter_context(postgres_database())
+        except PostgresUnavailable as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"{exc} (CI must provide PostgreSQL: scripts/test-services.sh)")
+            pytest.skip(str(exc))
+        base_url = stack.enter_context(running_server(
+            data_dir, database_url, api_keys={"topology": API_KEY}, with_worker=False, env=SERVICE_ENV
+        ))
+        workers = [stack.enter_context(running_worker(data_dir, database_url, SERVICE_ENV)) for _ in range(2)]
+        client = stack.enter_context(httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+        ))
+        engine = create_engine(database_url)
+        stack.callback(engine.dispose)
+        yield Topology(client, base_url, workers, engine, database_url, data_dir)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -217,7 +147,7 @@ def job(client: httpx.Client, job_id: str) -> dict:
     return response.json()
 
 
-def lease(engine, job_id: str) -> tuple[str | None, int]:
+def lease(engine: Engine, job_id: str) -> tuple[str | None, int]:
     """(lease owner, attempts) of a job, from the queue table the workers share."""
     with engine.connect() as connection:
         row = connection.execute(
@@ -226,26 +156,26 @@ def lease(engine, job_id: str) -> tuple[str | None, int]:
     return row[0], int(row[1])
 
 
-def chunk_files(store_dir: Path) -> dict[str, int]:
-    """Durable chunks of an embedding store -> modification time (ns)."""
-    return {p.name: p.stat().st_mtime_ns for p in store_dir.glob("chunk-*.npz")}
-
-
 def owner_pid(owner: str) -> int:
     """Worker owners are 'host:pid:suffix' (service.jobs.worker.Worker)."""
     return int(owner.split(":")[1])
 
 
-def wait_succeeded(client, job_ids, procs: Processes, timeout: float) -> None:
+def chunk_files(store_dir: Path) -> dict[str, int]:
+    """Durable chunks of an embedding store -> modification time (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in store_dir.glob("chunk-*.npz")}
+
+
+def wait_succeeded(top: Topology, job_ids: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = set(job_ids)
     while pending:
         for job_id in list(pending):
-            state = job(client, job_id)
-            assert state["state"] not in ("failed", "cancelled"), f"{state}\n{procs.logs()}"
+            state = job(top.client, job_id)
+            assert state["state"] not in ("failed", "cancelled"), f"{state}\n{top.logs()}"
             if state["state"] == "succeeded":
                 pending.discard(job_id)
-        assert time.monotonic() < deadline, f"jobs {pending} did not finish:\n{procs.logs()}"
+        assert time.monotonic() < deadline, f"jobs {pending} did not finish:\n{top.logs()}"
         time.sleep(0.3)
 
 
@@ -281,17 +211,26 @@ def container_healthchecks() -> dict[str, list[str]]:
 # --- the test --------------------------------------------------------------------------------
 
 
-def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
-    client, workers, procs, engine, data_dir = topology
-
-    # The containers' health checks pass against the same processes (the API's port is 8000 in
-    # the container, a free port here; `python` is the image's virtualenv interpreter).
+def check_container_healthchecks(top: Topology) -> None:
+    """The health checks that compose and the image run pass against these processes."""
+    port = top.base_url.rsplit(":", 1)[1]
+    env = {**os.environ, "DIFFICULTY_DATABASE_URL": top.database_url, "DIFFICULTY_DATA_DIR": str(top.data_dir)}
     for name, test in container_healthchecks().items():
-        assert test[0] == "CMD" and test[1] == "python", name
-        command = [sys.executable, *(a.replace(":8000/", f":{procs.port}/") for a in test[2:])]
-        assert ("urllib" in command[-1]) == (f":{procs.port}/" in command[-1]), name
-        result = subprocess.run(command, env=procs.env, capture_output=True, text=True, timeout=60)
+        # In the container the API listens on 8000 and `python` is the image's virtualenv.
+        assert test[:2] == ["CMD", "python"], name
+        command = [sys.executable, *(a.replace(":8000/", f":{port}/") for a in test[2:])]
+        assert ("urllib" in command[-1]) == (f":{port}/" in command[-1]), name
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{name} health check failed: {result.stderr}"
+
+
+# --- the test ---------------------------------------------------------------------------------
+
+
+def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
+    top = topology
+    client = top.client
+    check_container_healthchecks(top)
 
     data_a, data_b = make_data(1), make_data(2)
     dataset_a = create_dataset(client, "topology-a", data_a)
@@ -302,31 +241,31 @@ def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
     deadline = time.monotonic() + 120
     while True:
         state_a = job(client, job_a)
-        owner_a, _ = lease(engine, job_a)
-        owner_b, _ = lease(engine, job_b)
+        owner_a, _ = lease(top.engine, job_a)
+        owner_b, _ = lease(top.engine, job_b)
         running = state_a["state"] == "running" and job(client, job_b)["state"] == "running"
         done = (state_a.get("progress") or {}).get("done") or 0
         if running and owner_a and owner_b and owner_a != owner_b and done >= 2 * CHUNK_ROWS:
             break
         assert state_a["state"] in ("queued", "running"), f"job A ended before the kill: {state_a}"
-        assert time.monotonic() < deadline, f"two jobs never ran at once:\n{procs.logs()}"
+        assert time.monotonic() < deadline, f"two jobs never ran at once:\n{top.logs()}"
         time.sleep(0.2)
     assert done < N_ROWS, "job A got past its embedding stage before the kill: nothing to resume"
 
     # SIGKILL the worker that holds job A: no clean-up, no lease release.
-    store_a = layout.store_dir(data_dir, dataset_a)
+    store_a = layout.store_dir(top.data_dir, dataset_a)
     chunks_before_kill = chunk_files(store_a)
-    victim = next(w for w in workers if w.pid == owner_pid(owner_a))
-    survivor = next(w for w in workers if w is not victim)
+    victim = next(w for w in top.workers if w.pid == owner_pid(owner_a))
+    survivor = next(w for w in top.workers if w is not victim)
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait(timeout=10) == -signal.SIGKILL
 
     # The survivor finishes its own job B, then takes A over once A's lease has expired.
-    wait_succeeded(client, [job_a, job_b], procs, timeout=240)
-    owner, attempts = lease(engine, job_a)
+    wait_succeeded(top, [job_a, job_b], timeout=240)
+    owner, attempts = lease(top.engine, job_a)
     assert owner_pid(owner) == survivor.pid and attempts == 2, (owner, attempts)
-    assert owner_pid(lease(engine, job_b)[0]) == survivor.pid
-    assert survivor.poll() is None, "the surviving worker died:\n" + procs.logs()
+    assert owner_pid(lease(top.engine, job_b)[0]) == survivor.pid
+    assert survivor.poll() is None, "the surviving worker died:\n" + top.logs()
     # Resumed, not restarted: the chunks finished before the kill were not written again.
     chunks_after = chunk_files(store_a)
     assert len(chunks_after) == N_ROWS // CHUNK_ROWS
@@ -336,8 +275,8 @@ def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
     reference_a = create_dataset(client, "reference-a", data_a)
     reference_b = create_dataset(client, "reference-b", data_b)
     reference_jobs = [start_fit(client, reference_a), start_fit(client, reference_b)]
-    wait_succeeded(client, reference_jobs, procs, timeout=240)
-    assert all(lease(engine, j)[1] == 1 for j in reference_jobs)
+    wait_succeeded(top, reference_jobs, timeout=240)
+    assert all(lease(top.engine, j)[1] == 1 for j in reference_jobs)
 
     assert_same_scores(scores(client, dataset_a), scores(client, reference_a))
     assert_same_scores(scores(client, dataset_b), scores(client, reference_b))
