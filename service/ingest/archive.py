@@ -32,8 +32,8 @@ class ZipSource(SampleSource):
             if info.is_dir() or is_hidden(info.filename):
                 continue
             mode = info.external_attr >> 16
-            # Unix mode bits, when present, say whether a member is a symlink or a device.
-            if mode and not stat.S_ISREG(mode):
+            # Unix file-type bits, when present, say whether a member is a symlink or a device.
+            if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                 continue
             yield info
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.ingest.sample import Sample, SampleSource, ReaderError
+from service.ingest.sample import ReaderError, Sample, SampleSource
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 

@@ -51,7 +51,7 @@ class ReaderError(ValueError):
 
 def is_hidden(relative: str) -> bool:
     """Hidden files and OS metadata that are never samples (.DS_Store, __MACOSX/, ._x)."""
-    parts = [p for p in relative.split("/") if p]
+    parts = [p for p in relative.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     return any(p.startswith(".") or p == "__MACOSX" or p == "Thumbs.db" for p in parts)
 
 

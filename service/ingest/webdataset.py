@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.ingest.archive import iter_tar_members
-from service.ingest.sample import IMAGE_EXTENSIONS, Sample, SampleSource, ReaderError
+from service.ingest.sample import IMAGE_EXTENSIONS, ReaderError, Sample, SampleSource
 
 
 def split_key(name: str) -> tuple[str, str]:

@@ -7,6 +7,7 @@ the GPU cannot decode falls back to the CPU path item by item, so results never 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -17,7 +18,9 @@ def gpu_decode_supported(device: torch.device, preprocessing: dict[str, Any]) ->
     if device.type != "cuda":
         return False
     try:
-        from torchvision.io import decode_jpeg  # noqa: F401
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import decode_jpeg  # noqa: F401
     except ImportError:
         return False
     return (
@@ -35,7 +38,9 @@ def decode_batch_on_gpu(
 
     Same steps as the CPU transform: resize the shorter side (antialiased), centre crop,
     scale to [0, 1], normalise. Images of the same size are resized together."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
     images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)

@@ -55,7 +55,7 @@ def print_embed_report(report: EmbedReport, store: EmbeddingStore) -> None:
     failures = read_failures(store.directory)
     print(
         f"embedded {report.embedded} new samples in {report.seconds:.1f}s "
-        f"({report.per_second:.1f}/s); {report.skipped_existing} already embedded; "
+        f"({report.per_second:.1f}/s); {report.skipped_existing} already processed in an earlier run; "
         f"{len(failures)} skipped as unusable",
         file=sys.stderr,
     )
