@@ -65,7 +65,28 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _document_auth(app)
     return app
+
+
+def _document_auth(app: FastAPI) -> None:
+    """Declare the bearer scheme in the OpenAPI document (enforced by api.auth.tenant_of)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "a key from DIFFICULTY_API_KEYS"}
+            }
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _remove_stale_spools(settings: Settings) -> None:

@@ -19,13 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api import schemas
 from service.api.errors import ApiError, not_found
 from service.api.multipart import Form
-from service.ingest.features import (
-    InputError,
-    check_lengths,
-    load_embeddings,
-    load_ids,
-    load_labels,
-)
+from service.ingest.features import InputError, check_lengths, load_ids, load_labels
+from service.ingest.features import load_embeddings as _load_npy
 from service.ingest.safety import ArchiveError, inspect_archive
 from service.jobs import queue
 from service.jobs.fit import check_encoder_name, is_image_encoder
@@ -74,6 +69,18 @@ class AppContext:
             while len(self._models) > 8:
                 self._models.popitem(last=False)
         return model
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_embeddings(path: Path) -> np.ndarray:
+    """features.load_embeddings, refusing non-.npy files first (np.load would open a zip as an
+    .npz archive and hand back an object without a shape)."""
+    with open(path, "rb") as fh:
+        if fh.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise InputError("embeddings must be a .npy file (numpy.save of an N x D float array)")
+    return _load_npy(path)
 
 
 # --- datasets -------------------------------------------------------------------------------
