@@ -85,7 +85,7 @@ class Fit(Base):
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     normalize: Mapped[bool] = mapped_column(Boolean)
-    shrinkage_requested: Mapped[Any] = mapped_column(JSON)  # "auto" or a number
+    shrinkage_requested: Mapped[Any] = mapped_column(JSON, nullable=True)  # "auto" or a number
     shrinkage: Mapped[float] = mapped_column(Float)
     shrinkage_agnostic: Mapped[float] = mapped_column(Float)
     encoder: Mapped[str] = mapped_column(String(1000))
