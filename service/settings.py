@@ -82,7 +82,7 @@ class Settings:
     # Test-only: sleep this long after each finished chunk, so a test can kill a worker mid-job.
     chunk_delay_seconds: float = 0.0
     # kNN label agreement is exact kNN over the whole dataset: skipped above this many samples.
-    knn_max_items: int = 50_000
+    knn_max_items: int = 20_000
     knn_k: int = 10
     # New items scored synchronously per request.
     score_max_items: int = 100_000

@@ -76,4 +76,5 @@ def load_efficientnet_lite0(device: torch.device, precision: str) -> TorchEncode
         precision=precision,
         decode_size=RESIZE,
         input_size=(IMAGE_SIZE, IMAGE_SIZE),
+        freeze_on_cpu=True,
     )

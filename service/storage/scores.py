@@ -132,12 +132,6 @@ def _position_before(table: pa.Table, rmd: np.ndarray, lo: int, hi: int, cursor:
     return start + bisect.bisect_left(ids, cursor.sample_id)
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def page(
     directory: Path, *, limit: int, cursor: Cursor | None, descending: bool, label: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -161,7 +155,8 @@ def page(
         end = min(hi, begin + limit)
         rows = table.slice(begin, end - begin).to_pylist()
         more = end < hi
-    items = [{k: _clean(v) for k, v in row.items()} for row in rows]
+    # Rows are already JSON-clean: scores are finite and a missing knn_agreement is null.
+    items = rows
     next_cursor = None
     if more and items:
         last = items[-1]
