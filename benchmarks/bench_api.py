@@ -78,7 +78,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-async def page_load(base: str, dataset_id: str, cursors: list[str], clients: int, seconds: float) -> dict:
+async def page_load(base: str, dataset_id: str | None, cursors: list[str], clients: int, seconds: float) -> dict:
+    """Closed-loop load: ``clients`` concurrent clients for ``seconds``; dataset None = /healthz
+    (the framework's floor on this machine, for the ratio)."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -89,12 +91,16 @@ async def page_load(base: str, dataset_id: str, cursors: list[str], clients: int
             nonlocal errors
             rnd = random.Random(seed)
             while time.perf_counter() < stop_at:
-                params = {"limit": 100, "order": rnd.choice(["asc", "desc"]), "cursor": rnd.choice(cursors)}
                 started = time.perf_counter()
-                response = await client.get(f"/v1/datasets/{dataset_id}/scores", params=params)
+                if dataset_id is None:
+                    response = await client.get("/healthz")
+                    ok = response.status_code == 200
+                else:
+                    params = {"limit": 100, "order": rnd.choice(["asc", "desc"]), "cursor": rnd.choice(cursors)}
+                    response = await client.get(f"/v1/datasets/{dataset_id}/scores", params=params)
+                    ok = response.status_code == 200 and len(response.json()["items"]) > 0
                 latencies.append(time.perf_counter() - started)
-                if response.status_code != 200 or len(response.json()["items"]) == 0:
-                    errors += 1
+                errors += not ok
 
         started = time.perf_counter()
         await asyncio.gather(*(one_client(i) for i in range(clients)))
@@ -238,6 +244,9 @@ def main() -> int:
         results["pages"] = asyncio.run(page_load(base, dataset_id, cursors, args.clients, args.seconds))
         pages = results["pages"]
         pages["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(server.pid) - cpu_before) / max(pages["requests"], 1)
+        cpu_before = cpu_seconds(server.pid)
+        results["healthz"] = floor = asyncio.run(page_load(base, None, [], args.clients, min(args.seconds, 10)))
+        floor["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(server.pid) - cpu_before) / max(floor["requests"], 1)
         print(f"score pages: {results['pages']}", flush=True)
         results["server_peak_rss_gb"] = max(results["server_peak_rss_gb"], peak_rss_bytes(server.pid) / 1e9)  # type: ignore[call-overload]
 
@@ -267,6 +276,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     print(f"| HTTP, JSON | {p['requests_per_second']:.0f} | {p['p50_ms']:.1f} ms | {p['p99_ms']:.1f} ms | "  # type: ignore[index]
           f"{p['server_cpu_ms_per_request']:.2f} ms | {p['errors']} |")  # type: ignore[index]
+    h = results["healthz"]
+    print(f"| HTTP, GET /healthz (framework floor) | {h['requests_per_second']:.0f} | {h['p50_ms']:.1f} ms | "  # type: ignore[index]
+          f"{h['p99_ms']:.1f} ms | {h['server_cpu_ms_per_request']:.2f} ms | {h['errors']} |")  # type: ignore[index]
     print()
     print("| page layout (in-process, one page, random position) | p50 | p99 |")
     print("|---|---|---|")

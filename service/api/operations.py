@@ -404,15 +404,25 @@ def list_jobs(ctx: AppContext, tenant: str, dataset_id: str) -> list[schemas.Job
 
 
 def current_fit(ctx: AppContext, tenant: str, dataset_id: str) -> tuple[Fit, Path]:
+    # One round trip (the score-page hot path): the dataset's tenant and its current fit.
+    if len(dataset_id) > 64:
+        raise not_found()
     with ctx.db() as session:
-        dataset = _owned(session, tenant, dataset_id)
-        fit = session.get(Fit, dataset.current_fit_id) if dataset.current_fit_id else None
+        row = session.execute(
+            select(Dataset.tenant, Fit)
+            .outerjoin(Fit, Fit.id == Dataset.current_fit_id)
+            .where(Dataset.id == dataset_id)
+        ).first()
+        if row is None or row[0] != tenant:
+            raise not_found()
+        fit = row[1]
         if fit is None:
             raise ApiError(
                 409,
                 "dataset is not fitted yet: POST /v1/datasets/{id}/fit and wait for the job to succeed",
             )
-        return fit, layout.fit_dir(ctx.settings.data_dir, dataset.id, fit.id)
+        # IDs from the database are our own hex IDs: no path resolution needed here.
+        return fit, ctx.settings.datasets_dir / fit.dataset_id / "fits" / fit.id
 
 
 def scores_page(
