@@ -50,12 +50,12 @@ class AppContext:
 
     def encoder(self, name: str) -> object:
         """One loaded image encoder per name, kept for later scoring requests."""
-        from service.jobs.fit import _load_encoder
+        from service.jobs.fit import load_image_encoder
 
         with self._lock:
             if name not in self._encoders:
                 self._encoders.clear()  # at most one model in memory
-                self._encoders[name] = _load_encoder(name, self.settings)
+                self._encoders[name] = load_image_encoder(name, self.settings)
             return self._encoders[name]
 
     def model(self, dataset_id: str, fit_id: str) -> GaussianModel:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
             failed = 0
         else:
             if encoder is None:
-                encoder = _load_encoder(encoder_name, settings)
+                encoder = load_image_encoder(encoder_name, settings)
             embedded, failed = _ingest_archive(upload, root, store, encoder, ctx, settings, done)
         _mark_embedded(db, upload.id, embedded, failed)
         done += upload.num_items
@@ -93,7 +94,7 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
         ctx.progress(done)
     if is_image_encoder(encoder_name):
         if encoder is None:
-            encoder = _load_encoder(encoder_name, settings)
+            encoder = load_image_encoder(encoder_name, settings)
         weights_sha256 = getattr(encoder, "weights_sha256", None)
     ctx.check()
 
@@ -241,7 +242,7 @@ def _ingest_embeddings(
     return n
 
 
-def _load_encoder(name: str, settings: Settings):  # type: ignore[no-untyped-def]
+def load_image_encoder(name: str, settings: Settings):  # type: ignore[no-untyped-def]
     if not is_image_encoder(name):
         raise JobFailed(
             f"the dataset's encoder {name!r} names precomputed embeddings; images need an image encoder "
@@ -272,16 +273,14 @@ def _ingest_archive(
     source = open_source(root / upload.path / "archive")
     chunks_before = store.next_index()
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int | None) -> None:
         ctx.progress(done_before + done)
-        # Each new chunk is a resume point: honour the test delay and stop requests there.
-        nonlocal chunks_before
-        now = store.next_index()
-        if now != chunks_before:
-            chunks_before = now
-            if ctx.chunk_delay_seconds > 0:
-                import time
-
+        if ctx.chunk_delay_seconds > 0:
+            # Test setting: pause after each new chunk (a resume point), as for embeddings.
+            nonlocal chunks_before
+            now = store.next_index()
+            if now != chunks_before:
+                chunks_before = now
                 time.sleep(ctx.chunk_delay_seconds)
 
     report = embed_source(
@@ -293,7 +292,6 @@ def _ingest_archive(
         progress=progress,
         should_stop=ctx.should_stop,
     )
-    ctx.check()
-    if getattr(report, "stopped", False):
-        ctx.check()
+    if report.stopped:
+        ctx.check()  # raises JobStopped: cancelled or lease lost
     return int(report.embedded) + int(report.skipped_existing), len(report.failures)

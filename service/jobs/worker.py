@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -99,6 +100,18 @@ class Worker:
         finally:
             finished.set()
             beat.join(timeout=5)
+            self._remove_if_deleted(job.dataset_id)
+
+    def _remove_if_deleted(self, dataset_id: str) -> None:
+        # A dataset deleted while its job ran: the job may have written files after the API
+        # removed the folder.
+        from service.storage import layout
+        from service.storage.database import Dataset
+
+        with self.db() as session:
+            exists = session.get(Dataset, dataset_id) is not None
+        if not exists:
+            shutil.rmtree(layout.dataset_dir(self.settings.data_dir, dataset_id), ignore_errors=True)
 
     def _heartbeat(self, ctx: JobContext) -> None:
         # Publishes progress about once a second and renews the lease; a lost lease or a cancel

@@ -7,6 +7,7 @@ the GPU cannot decode falls back to the CPU path item by item, so results never 
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 
 
 def gpu_decode_supported(device: torch.device, preprocessing: dict[str, Any]) -> bool:
-    if device.type != "cuda":
+    # DIFFICULTY_GPU_JPEG=0 forces CPU decode (benchmarks compare the two paths).
+    if device.type != "cuda" or os.environ.get("DIFFICULTY_GPU_JPEG", "1") == "0":
         return False
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec
