@@ -118,16 +118,24 @@ def prepare(args: argparse.Namespace) -> None:
 # -- run: the grid over methods x hyper-parameters x seeds --------------------------------------
 
 
-def _runs(args: argparse.Namespace, score_std: float) -> list[dict[str, Any]]:
+def _runs(args: argparse.Namespace, scores: np.ndarray) -> list[dict[str, Any]]:
     grid: list[tuple[str, dict[str, Any]]] = [("ce", {})]
     grid += [("ls", {"smoothing": v}) for v in args.ls_grid]
     grid += [("focal", {"gamma": v}) for v in args.focal_grid]
     grid += [("er", {"beta": v}) for v in args.er_grid]
-    for alpha in args.alpha_grid:
-        for scale in args.t_grid:
-            # T as a multiple of the std of the dataset's scores ("auto" = 1 x std).
-            t = score_std * (1.0 if scale == "auto" else float(scale))
-            grid.append(("difficulty", {"alpha": alpha, "temperature": t, "t_scale": scale}))
+    for clip in args.clip_grid:
+        quantile = None if clip == "none" else float(clip)
+        capped = scores if quantile is None else np.minimum(scores, np.quantile(scores, quantile))
+        for alpha in args.alpha_grid:
+            for scale in args.t_grid:
+                # T as a multiple of the std of the dataset's (capped) scores; "auto" = 1 x std.
+                t = float(capped.std()) * (1.0 if scale == "auto" else float(scale))
+                weights = np.exp((capped - capped.max()) / t)
+                grid.append(("difficulty", {
+                    "alpha": alpha, "temperature": t, "t_scale": scale, "clip_quantile": quantile,
+                    "mean_weight": float(weights.mean()),
+                }))  # fmt: skip
+    grid = [(m, p) for m, p in grid if m in args.methods]
     # Seed-major: if the time budget runs out, every configuration has the same seeds done.
     return [
         {"method": method, "params": params, "seed": seed}
@@ -137,7 +145,7 @@ def _runs(args: argparse.Namespace, score_std: float) -> list[dict[str, Any]]:
 
 
 def _config(run: dict[str, Any], args: argparse.Namespace, scores_file: str | None) -> TrainConfig:
-    params = {k: v for k, v in run["params"].items() if k != "t_scale"}
+    params = {k: v for k, v in run["params"].items() if k not in ("t_scale", "mean_weight")}
     return TrainConfig(
         data="fmnist", fmnist_dir=args.fmnist_dir, train_subset=args.train_subset,
         val_size=args.val_size, test_subset=args.test_subset, model=args.model,
@@ -206,7 +214,10 @@ def _params_text(method: str, params: dict[str, Any]) -> str:
     if method == "difficulty":
         scale = params["t_scale"]
         scale_text = "auto (1x std)" if scale == "auto" else f"{scale}x std"
-        return f"alpha={params['alpha']}, T={scale_text} = {params['temperature']:.3g}"
+        clip = params.get("clip_quantile")
+        clip_text = "no cap (SPEC)" if clip is None else f"cap at q{clip:g}"
+        return (f"alpha={params['alpha']}, T={scale_text} = {params['temperature']:.3g}, {clip_text}, "
+                f"mean w={params.get('mean_weight', float('nan')):.2g}")  # fmt: skip
     return "-"
 
 
@@ -311,7 +322,7 @@ def run(args: argparse.Namespace) -> None:
     stem = f"paper_fmnist_{args.tag}"
     with tempfile.TemporaryDirectory() as tmp:
         scores_path, source, scores = _scores(args, Path(tmp))
-        runs = _runs(args, float(scores.std()))
+        runs = _runs(args, scores)
         print(f"{len(runs)} training runs ({args.jobs} at a time) on {args.device}", flush=True)
         start = time.perf_counter()
         configs = [asdict(_config(r, args, scores_path)) for r in runs]
@@ -452,6 +463,9 @@ def main() -> None:
     r.add_argument(
         "--t-grid", nargs="+", default=["auto", "2", "4"], help="T as multiples of the score std"
     )
+    r.add_argument("--clip-grid", nargs="+", default=["none"],
+                   help="score caps for the difficulty-aware weights: 'none' (SPEC) or quantiles")  # fmt: skip
+    r.add_argument("--methods", nargs="+", default=list(METHOD_LABELS), choices=list(METHOD_LABELS))
     r.add_argument(
         "--select-by", default="nll", choices=("nll", "ece", "accuracy", "aurc", "brier")
     )

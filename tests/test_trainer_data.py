@@ -129,3 +129,16 @@ def test_idx_reader():
         read_idx(header + bytes(5))
     with pytest.raises(ValueError):
         read_idx(b"\x00\x00\x09\x01")
+
+
+def test_clipped_scores_anchor_weights_at_a_quantile():
+    scores = ScoreTable([str(i) for i in range(5)], [0.0, 1.0, 2.0, 3.0, 1000.0])
+    plain = scores.weights_for(["0", "3"], 1.0)
+    assert plain[1] == pytest.approx(np.exp(-997.0))  # the outlier owns the anchor
+    capped = scores.clipped(0.75)  # quantile 0.75 of the five scores = 3.0
+    assert capped.scores.tolist() == [0.0, 1.0, 2.0, 3.0, 3.0]
+    assert capped.weights_for(["0", "3", "4"], 1.0).tolist() == pytest.approx(
+        [np.exp(-3.0), 1.0, 1.0]
+    )
+    with pytest.raises(ValueError):
+        scores.clipped(0.0)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--train-subset", type=int, help="train on a fixed random subset of this size")
     d.add_argument("--test-subset", type=int)
+    d.add_argument("--val-size", type=int, default=0,
+                   help="hold this many training samples out and report val_metrics (for tuning)")  # fmt: skip
     d.add_argument(
         "--image-size", type=int, default=32, help="ImageFolder images are resized to this"
     )
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scores-file", help="offline: table from `difficulty score` (.parquet/.arrow/.csv)"
     )
     s.add_argument("--score-column", default="rmd", help="rmd (default) or rmd_min")
+    s.add_argument("--clip-quantile", type=float, default=None,
+                   help="opt-in: cap scores at this quantile (e.g. 0.99) before computing weights; "
+                        "default: SPEC's formula anchored at the single hardest sample")  # fmt: skip
     s.add_argument("--missing-scores", choices=MISSING_POLICIES, default="error",
                    help="samples without a score: error (default), drop, or zero-weight (plain CE)")  # fmt: skip
     s.add_argument("--cache-dir", help="score cache (default ~/.cache/difficulty-trainer)")
@@ -116,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(
         data=args.data, test_data=args.test_data, test_fraction=args.test_fraction,
-        fmnist_dir=args.fmnist_dir, train_subset=args.train_subset, test_subset=args.test_subset,
+        fmnist_dir=args.fmnist_dir, train_subset=args.train_subset, val_size=args.val_size, test_subset=args.test_subset,
         image_size=args.image_size, grayscale=args.grayscale, augment=args.augment, ood=args.ood,
         model=args.model, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         loss=args.loss, alpha=args.alpha, temperature=args.temperature, smoothing=args.smoothing,
         gamma=args.gamma, beta=args.beta, service_url=args.service_url, dataset_id=args.dataset_id,
-        api_key=args.api_key, scores_file=args.scores_file, score_column=args.score_column,
+        api_key=args.api_key, scores_file=args.scores_file, score_column=args.score_column, clip_quantile=args.clip_quantile,
         missing=args.missing_scores, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
         workers=args.workers, threads=args.threads, progress=not args.no_progress,
         output_dir=args.output_dir,

@@ -46,6 +46,7 @@ class TrainConfig:
     test_fraction: float = 0.2
     fmnist_dir: str | None = None
     train_subset: int | None = None
+    val_size: int = 0  # held out of the training split, for choosing hyper-parameters
     test_subset: int | None = None
     image_size: int = 32
     grayscale: bool = False
@@ -65,6 +66,7 @@ class TrainConfig:
     alpha: float = 1.0
     temperature: float | str = "auto"
     score_column: str = "rmd"
+    clip_quantile: float | None = None  # opt-in: cap scores at this quantile before weighting
     service_url: str | None = None
     dataset_id: str | None = None
     api_key: str | None = None
@@ -108,18 +110,28 @@ def resolve_device(name: str) -> torch.device:
 # -- data -----------------------------------------------------------------------------------
 
 
-def _fmnist_tensors(
-    split: str, root: str | None, limit: int | None
-) -> tuple[Tensor, Tensor, np.ndarray]:
-    from trainer.fmnist import load_fashion_mnist
+def fmnist_train_indices(
+    n_total: int, train_subset: int | None, val_size: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows of the Fashion-MNIST training split: fixed random subsets
+    (the IDX files are not shuffled by class, so never "the first N"), disjoint, sorted.
+    Benchmarks that compute scores for a subset call this to pick the same rows."""
+    if val_size < 0 or val_size >= n_total:
+        raise ValueError(f"val_size must be in [0, {n_total}), got {val_size}")
+    order = np.random.default_rng(SUBSET_SEED).permutation(n_total)
+    val, rest = order[:val_size], order[val_size:]
+    if train_subset is not None:
+        if train_subset <= 0:
+            raise ValueError("train_subset must be positive")
+        rest = rest[:train_subset]
+    return np.sort(rest), np.sort(val)
 
-    images, labels = load_fashion_mnist(split, root)
-    index = np.arange(len(labels))
-    if limit is not None and limit < len(labels):
-        # A fixed random subset (not the first N: the IDX order is not shuffled by class).
-        index = np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(labels))[:limit])
+
+def _fmnist_tensors(
+    images: np.ndarray, labels: np.ndarray, index: np.ndarray
+) -> tuple[Tensor, Tensor]:
     x = torch.from_numpy(images[index]).float().div_(255.0).sub_(FMNIST_MEAN).div_(FMNIST_STD)
-    return x.unsqueeze(1), torch.from_numpy(labels[index]), index
+    return x.unsqueeze(1), torch.from_numpy(labels[index])
 
 
 def _image_folder(root: str, cfg: TrainConfig) -> Any:
@@ -173,21 +185,50 @@ def load_scores(cfg: TrainConfig) -> tuple[ScoreTable, dict[str, Any]]:
             "the difficulty-aware loss needs scores: give --service-url and --dataset-id, or --scores-file"
         )
     scores = ScoreTable.from_arrow(table, cfg.score_column)
-    source.update(column=cfg.score_column, num_scores=len(scores))
+    source.update(column=cfg.score_column, num_scores=len(scores), score_max=float(scores.scores.max()),
+                  score_std=float(scores.scores.std()), clip_quantile=cfg.clip_quantile)  # fmt: skip
+    if cfg.clip_quantile is not None:
+        scores = scores.clipped(cfg.clip_quantile)
+        source["clipped_at"] = float(scores.scores.max())
     return scores, source
 
 
-def load_data(cfg: TrainConfig) -> tuple[Split, Split, list[str], list[str], list[str]]:
-    """Train split, test split, train sample IDs, train label names per sample, class names."""
-    if cfg.data == "fmnist":
-        from trainer.fmnist import CLASSES
+@dataclass
+class Data:
+    train: Split
+    test: Split
+    val: Split | None
+    train_ids: list[str]  # sample IDs (what the service's scores are keyed by)
+    train_targets: list[int]
+    classes: list[str]
 
-        x, y, index = _fmnist_tensors("train", cfg.fmnist_dir, cfg.train_subset)
-        xt, yt, _ = _fmnist_tensors("test", cfg.fmnist_dir, cfg.test_subset)
+
+def load_data(cfg: TrainConfig) -> Data:
+    if cfg.data == "fmnist":
+        from trainer.fmnist import CLASSES, load_fashion_mnist
+
+        images, labels = load_fashion_mnist("train", cfg.fmnist_dir)
+        train_idx, val_idx = fmnist_train_indices(len(labels), cfg.train_subset, cfg.val_size)
+        test_images, test_labels = load_fashion_mnist("test", cfg.fmnist_dir)
+        test_idx = np.arange(len(test_labels))
+        if cfg.test_subset is not None and cfg.test_subset < len(test_idx):
+            test_idx = np.sort(
+                np.random.default_rng(SUBSET_SEED + 2).permutation(len(test_idx))[: cfg.test_subset]
+            )
         names = list(CLASSES)
-        train = Split(TensorDataset(x, y), len(names), 1, (x, y))
-        test = Split(TensorDataset(xt, yt), len(names), 1, (xt, yt))
-        return train, test, [str(i) for i in index], y.tolist(), names
+
+        def split(imgs: np.ndarray, labs: np.ndarray, idx: np.ndarray) -> Split:
+            x, y = _fmnist_tensors(imgs, labs, idx)
+            return Split(TensorDataset(x, y), len(names), 1, (x, y))
+
+        return Data(
+            train=split(images, labels, train_idx),
+            test=split(test_images, test_labels, test_idx),
+            val=split(images, labels, val_idx) if cfg.val_size else None,
+            train_ids=[str(i) for i in train_idx],  # the row index: the default upload IDs
+            train_targets=labels[train_idx].tolist(),
+            classes=names,
+        )
     if not Path(cfg.data).is_dir():
         raise ValueError(f"--data must be 'fmnist' or an ImageFolder directory, got {cfg.data!r}")
     full = _image_folder(cfg.data, cfg)
@@ -207,19 +248,26 @@ def load_data(cfg: TrainConfig) -> tuple[Split, Split, list[str], list[str], lis
         n_test = max(1, int(round(cfg.test_fraction * len(full))))
         test_set = Subset(full, np.sort(order[:n_test]).tolist())
         train_idx = np.sort(order[n_test:])
+    val_set = None
+    if cfg.val_size:
+        if cfg.val_size >= len(train_idx):
+            raise ValueError(f"--val-size {cfg.val_size} leaves no training samples")
+        shuffled = np.random.default_rng(SUBSET_SEED + 3).permutation(train_idx)
+        val_set = Subset(full, np.sort(shuffled[: cfg.val_size]).tolist())
+        train_idx = np.sort(shuffled[cfg.val_size :])
     if cfg.train_subset is not None and cfg.train_subset < len(train_idx):
         train_idx = np.sort(
             np.random.default_rng(SUBSET_SEED + 1).permutation(train_idx)[: cfg.train_subset]
         )
     if cfg.test_subset is not None and cfg.test_subset < len(test_set):
         test_set = Subset(test_set, list(range(cfg.test_subset)))
-    train_set = Subset(full, train_idx.tolist())
-    return (
-        Split(train_set, len(names), channels),
-        Split(test_set, len(names), channels),
-        [ids[i] for i in train_idx],
-        [targets[i] for i in train_idx],
-        names,
+    return Data(
+        train=Split(Subset(full, train_idx.tolist()), len(names), channels),
+        test=Split(test_set, len(names), channels),
+        val=Split(val_set, len(names), channels) if val_set is not None else None,
+        train_ids=[ids[i] for i in train_idx],
+        train_targets=[targets[i] for i in train_idx],
+        classes=names,
     )
 
 
@@ -342,7 +390,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    train_split, test_split, ids, targets, names = load_data(cfg)
+    data = load_data(cfg)
+    train_split, test_split = data.train, data.test
+    ids, targets, names = data.train_ids, data.train_targets, data.classes
 
     scores_info: dict[str, Any] | None = None
     if cfg.loss == "difficulty":
@@ -402,6 +452,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar.close()
     train_seconds = time.perf_counter() - start
 
+    val_results = None
+    if data.val is not None:
+        val_probs, val_labels = predict(model, data.val, device)
+        val_results = M.classification_metrics(val_probs, val_labels)
     probs, labels = predict(model, test_split, device)
     results = M.classification_metrics(probs, labels)
     ood = _ood_split(cfg, test_split)
@@ -420,6 +474,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     report = {
         "metrics": results,
+        "val_metrics": val_results,
         "metric_conventions": {
             "ece": "top-label, 15 equal-width bins (lo, hi], L1",
             "adaptive_ece": "15 equal-mass bins",
