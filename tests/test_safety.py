@@ -162,6 +162,7 @@ def test_hostile_uploads_get_4xx_and_write_nothing(server):
     assert not (Path(data_dir).parent / "evil.jpg").exists() and not Path("/abs/evil.jpg").exists()
 
 
+@pytest.mark.slow
 def test_archive_of_real_images_fits_with_efficientnet(server):
     pytest.importorskip("service.pipeline.embedding")
     url, _, backend = server
