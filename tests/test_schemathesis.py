@@ -36,7 +36,7 @@ def test_no_server_errors_under_schemathesis(tmp_path):
              "--max-examples", "15", "--phases", "examples,coverage,fuzzing",
              "--workers", "2", "--seed", "1", "--request-timeout", "30", "--no-color",
              "--max-time", "75"],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,  # its example database stays out of the repo
         )
         assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
         # The server is still healthy afterwards.
