@@ -88,6 +88,11 @@ class Settings:
     score_max_items: int = 100_000
     default_encoder: str = DEFAULT_ENCODER
     device: str = "auto"
+    # Where fit jobs embed images: "local" (this process) or "ray" (a Ray cluster at
+    # RAY_ADDRESS, or a local one when unset). Ray is imported only for "ray".
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_actors: int | None = None  # encoder actors; None = one per GPU in the cluster, else 1
 
     @property
     def auth_enabled(self) -> bool:
@@ -135,4 +140,13 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         score_max_items=_env_int("DIFFICULTY_SCORE_MAX_ITEMS", Settings.score_max_items),
         default_encoder=os.environ.get("DIFFICULTY_DEFAULT_ENCODER") or DEFAULT_ENCODER,
         device=os.environ.get("DIFFICULTY_DEVICE") or "auto",
+        executor=_executor(os.environ.get("DIFFICULTY_EXECUTOR") or "local"),
+        ray_address=os.environ.get("RAY_ADDRESS") or None,
+        ray_actors=_env_int("DIFFICULTY_RAY_ACTORS", 0) or None,
     )
+
+
+def _executor(raw: str) -> str:
+    if raw not in ("local", "ray"):
+        raise SettingsError(f"DIFFICULTY_EXECUTOR must be 'local' or 'ray', got {raw!r}")
+    return raw

@@ -69,6 +69,7 @@ def bad_cases(tmp_path):
     np.save(tmp_path / "nan.npy", np.array([[np.nan, 1.0], [1.0, 2.0]]))
     np.save(tmp_path / "one_d.npy", np.arange(5.0))
     (tmp_path / "notnpy.npy").write_bytes(b"hello")
+    np.savez(tmp_path / "archive.npz", x=np.ones((3, 2)))
     (tmp_path / "dup.txt").write_text("a\n" * 600)
     (tmp_path / "two.txt").write_text("a\nb\n")
     e, lab = str(tmp_path / "x.npy"), str(tmp_path / "y.txt")
@@ -77,6 +78,7 @@ def bad_cases(tmp_path):
         "nan": (["--embeddings", str(tmp_path / "nan.npy"), "--labels", str(tmp_path / "two.txt")], "NaN"),
         "1-d": (["--embeddings", str(tmp_path / "one_d.npy"), "--labels", lab], "2-d"),
         "not npy": (["--embeddings", str(tmp_path / "notnpy.npy"), "--labels", lab], ".npy"),
+        "npz": (["--embeddings", str(tmp_path / "archive.npz"), "--labels", lab], ".npy"),
         "duplicate ids": (["--embeddings", e, "--labels", lab, "--ids", str(tmp_path / "dup.txt")], "duplicates"),
         "bad shrinkage": (["--embeddings", e, "--labels", lab, "--shrinkage", "2"], "shrinkage"),
         "bad output": (["--embeddings", e, "--labels", lab, "-o", str(tmp_path / "x.xlsx")], "output"),
@@ -85,7 +87,7 @@ def bad_cases(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["count mismatch", "nan", "1-d", "not npy", "duplicate ids",
+@pytest.mark.parametrize("case", ["count mismatch", "nan", "1-d", "not npy", "npz", "duplicate ids",
                                   "bad shrinkage", "bad output", "no labels", "missing file"])
 def test_bad_input_is_a_clear_cli_error(tmp_path, capsys, case):
     argv, message = bad_cases(tmp_path)[case]

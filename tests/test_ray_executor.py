@@ -110,3 +110,41 @@ def test_killed_actor_is_retried_without_loss_or_duplicates(cluster, images, loc
     assert len(ids) == len(set(ids)) == 48  # none lost, none twice
     assert sorted(ids) == sorted(local_store.sample_ids().tolist())
     assert [f[0] for f in read_failures(store.directory)] == ["shirt_bad/broken.png"]
+
+
+def test_fit_job_with_ray_executor_equals_local(cluster, images, tmp_path):
+    """The service itself, pointed at an existing Ray cluster (RAY_ADDRESS), fits an uploaded
+    archive of real images; its scores equal those of the embedded default."""
+    import io
+    import zipfile
+
+    import httpx
+    import pyarrow as pa
+    from apiserver import running_server, wait_for_job
+
+    root = images[0]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(root).as_posix())
+    address = ray.get_runtime_context().gcs_address
+    tables = {}
+    for executor in ("local", "ray"):
+        env = {"DIFFICULTY_EXECUTOR": executor, "RAY_ADDRESS": address, "DIFFICULTY_IMAGE_CHUNK_ROWS": "16"}
+        with running_server(tmp_path / executor, env=env) as base, httpx.Client(base_url=base, timeout=60) as client:
+            ds = client.post("/v1/datasets", json={"name": executor, "encoder": ENCODER}).json()["id"]
+            up = client.post(f"/v1/datasets/{ds}/items", files={"file": ("images.zip", buffer.getvalue())})
+            assert up.status_code in (200, 201, 202), up.text
+            job = client.post(f"/v1/datasets/{ds}/fit", json={"shrinkage": 0.1}).json()["job_id"]
+            state = wait_for_job(client, job, timeout=300)
+            assert state["state"] == "succeeded", state
+            assert state["progress"]["done"] >= 48
+            assert state["result"]["executor"] == executor
+            export = client.get(f"/v1/datasets/{ds}/scores", params={"format": "arrow"})
+            tables[executor] = pa.ipc.open_stream(export.content).read_all().sort_by("sample_id")
+            failures = client.get(f"/v1/datasets/{ds}/failures").json()
+            assert "shirt_bad/broken.png" in str(failures)
+    local, remote = tables["local"], tables["ray"]
+    assert local.column("sample_id").to_pylist() == remote.column("sample_id").to_pylist()
+    np.testing.assert_allclose(remote.column("rmd").to_numpy(), local.column("rmd").to_numpy(), rtol=1e-3, atol=1e-3)

@@ -13,6 +13,11 @@ class InputError(ValueError):
 
 def load_embeddings(path: Path) -> np.ndarray:
     """An N x D float matrix from ``.npy``, memory-mapped (not loaded whole), validated."""
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        # np.load would also accept .npz archives and pickles; only a plain .npy is a matrix.
+        raise InputError("embeddings must be a .npy file (numpy.save of an N x D float array)")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # numpy raises several types for a bad header

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from service.jobs import queue
-from service.jobs.context import JobContext, JobFailed
+from service.jobs.context import JobContext, JobFailed, JobStopped
 from service.pipeline.fitting import labelled_statistics, score_store
 from service.settings import Settings
 from service.statistics import FitError, fit_gaussians, normalize_features
@@ -85,17 +85,27 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
             embedded = _ingest_embeddings(upload, root, store, ctx, settings, db, done)
             failed = 0
         else:
-            if encoder is None:
+            if encoder is None and settings.executor == "local":
                 encoder = load_image_encoder(encoder_name, settings)
-            embedded, failed = _ingest_archive(upload, root, store, encoder, ctx, settings, done)
+            elif settings.executor == "ray":
+                check_image_encoder_name(encoder_name)
+            embedded, failed = _ingest_archive(upload, root, store, encoder, encoder_name, ctx, settings, done)
         _mark_embedded(db, upload.id, embedded, failed)
         done += upload.num_items
         failures += failed
         ctx.progress(done)
     if is_image_encoder(encoder_name):
-        if encoder is None:
-            encoder = load_image_encoder(encoder_name, settings)
-        weights_sha256 = getattr(encoder, "weights_sha256", None)
+        # The store records the encoder that made its features (whichever executor ran it);
+        # load the model here only when there is no record yet.
+        from service.pipeline.embedding import read_encoder_record
+
+        record = read_encoder_record(store.directory)
+        if record is not None:
+            weights_sha256 = record.get("weights_sha256")
+        else:
+            if encoder is None:
+                encoder = load_image_encoder(encoder_name, settings)
+            weights_sha256 = getattr(encoder, "weights_sha256", None)
     ctx.check()
 
     num_chunks = len(store.chunk_indices())
@@ -141,6 +151,7 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
         "num_failed": failures,
         "shrinkage": model.shrinkage,
         "shrinkage_agnostic": model.shrinkage_agnostic,
+        "executor": settings.executor if pending and any(u.kind != "embeddings" for u in pending) else None,
     }
     with db() as session:
         dataset = session.get(Dataset, job.dataset_id)
@@ -242,12 +253,16 @@ def _ingest_embeddings(
     return n
 
 
-def load_image_encoder(name: str, settings: Settings):  # type: ignore[no-untyped-def]
+def check_image_encoder_name(name: str) -> None:
     if not is_image_encoder(name):
         raise JobFailed(
             f"the dataset's encoder {name!r} names precomputed embeddings; images need an image encoder "
             "(open_clip:<model>:<tag> or efficientnet-lite0): create a dataset with one"
         )
+
+
+def load_image_encoder(name: str, settings: Settings):  # type: ignore[no-untyped-def]
+    check_image_encoder_name(name)
     try:
         from service.encoders import EncoderError, load_encoder
     except ImportError as exc:
@@ -263,6 +278,7 @@ def _ingest_archive(
     root: Path,
     store: EmbeddingStore,
     encoder: object,
+    encoder_name: str,
     ctx: JobContext,
     settings: Settings,
     done_before: int,
@@ -283,15 +299,43 @@ def _ingest_archive(
                 chunks_before = now
                 time.sleep(ctx.chunk_delay_seconds)
 
-    report = embed_source(
-        source,
-        encoder,
-        store,
-        total=upload.num_items,
-        chunk_size=settings.image_chunk_rows,
-        progress=progress,
-        should_stop=ctx.should_stop,
-    )
+    if settings.executor == "ray":
+        report = _embed_on_ray(source, encoder_name, store, upload.num_items, settings, ctx, progress)
+    else:
+        report = embed_source(
+            source,
+            encoder,
+            store,
+            total=upload.num_items,
+            chunk_size=settings.image_chunk_rows,
+            progress=progress,
+            should_stop=ctx.should_stop,
+        )
     if report.stopped:
         ctx.check()  # raises JobStopped: cancelled or lease lost
     return int(report.embedded) + int(report.skipped_existing), len(report.failures)
+
+
+def _embed_on_ray(source, encoder_name, store, total, settings, ctx, progress):  # type: ignore[no-untyped-def]
+    """The same embedding on a Ray cluster; the store ends up as the local executor leaves it."""
+    try:
+        from service.pipeline.ray_executor import RaySettings, embed_source_ray
+    except ImportError as exc:
+        raise JobFailed(f"DIFFICULTY_EXECUTOR=ray needs the ray extra (pip install '.[ray]'): {exc}") from None
+    try:
+        return embed_source_ray(
+            source,
+            encoder_name,
+            store,
+            total=total,
+            chunk_size=settings.image_chunk_rows,
+            device=settings.device,
+            settings=RaySettings(address=settings.ray_address, num_actors=settings.ray_actors),
+            progress=progress,
+            should_stop=ctx.should_stop,
+        )
+    except (JobFailed, JobStopped):
+        raise
+    except Exception as exc:  # a RayTaskError wraps the actor's own error (e.g. missing weights)
+        cause = getattr(exc, "cause", None) or exc
+        raise JobFailed(f"embedding on Ray failed: {type(cause).__name__}: {cause}") from None
