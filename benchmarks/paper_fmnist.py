@@ -293,7 +293,14 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
 
     selected = summary["selected"]
     names = [METHOD_LABELS[m].split(" (")[0] for m in selected]
-    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:purple", "tab:red"][: len(names)]
+    palette = {
+        "ce": "tab:gray",
+        "ls": "tab:blue",
+        "focal": "tab:orange",
+        "er": "tab:purple",
+        "difficulty": "tab:red",
+    }
+    colors = [palette[m] for m in selected]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, (metric, scale, label) in zip(
         axes, [("accuracy", 100, "ACC % (higher is better)"), ("ece", 100, "ECE % (lower is better)"),
