@@ -340,3 +340,20 @@ def test_multi_gpu_override_from_the_docs_renders(docker_compose, tmp_path):
         {"driver": "nvidia", "device_ids": ["1"], "capabilities": ["gpu"]}]
     assert extra["command"] == ["worker"] and extra["volumes"] == services["worker"]["volumes"]
     assert extra["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_compose_ray_profile(compose):
+    services = compose["services"]
+    for name in ("ray-head", "ray-worker"):
+        assert services[name]["profiles"] == ["ray"], f"{name} must only start with --profile ray"
+        assert services[name]["entrypoint"] == ["ray"]
+        assert "healthcheck" in services[name]
+    assert "--head" in services["ray-head"]["command"]
+    assert "--address=ray-head:6379" in services["ray-worker"]["command"]
+    assert "container_name" not in services["ray-worker"]  # --scale ray-worker=N
+    devices = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert services["ray-worker"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    env = services["worker"]["environment"]
+    assert env["DIFFICULTY_EXECUTOR"] == "${DIFFICULTY_EXECUTOR:-local}"
+    assert "RAY_ADDRESS" in env
