@@ -87,3 +87,16 @@ def test_augment_keeps_shape_and_content():
     assert out.shape == x.shape
     # Nearest-neighbour shifts/flips move pixels, never invent values.
     assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+def test_report_is_strict_json_with_undefined_metrics(tmp_path):
+    from trainer.train import write_outputs
+
+    probs = np.eye(2)[[0, 1]]
+    report = {
+        "metrics": {"misclassification_auroc": float("nan"), "ece": 0.0},
+        "config": {"loss": "ce"},
+    }
+    write_outputs(report, probs, np.array([0, 1]), tmp_path)
+    text = (tmp_path / "report.json").read_text()
+    assert json.loads(text)["metrics"]["misclassification_auroc"] is None and "NaN" not in text

@@ -504,11 +504,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def write_outputs(report: dict[str, Any], probs: np.ndarray, labels: np.ndarray, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    clean = {k: v for k, v in report.items() if not k.startswith("_")}
+    clean = _finite({k: v for k, v in report.items() if not k.startswith("_")})
     tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(clean, indent=2, default=_json_default) + "\n")
+    # allow_nan=False: an undefined metric (e.g. misclassification AUROC with no errors) is
+    # written as null, so strict JSON readers can parse every report.
+    tmp.write_text(json.dumps(clean, indent=2, default=_json_default, allow_nan=False) + "\n")
     os.replace(tmp, out / "report.json")
     reliability_diagram(probs, labels, out / "reliability.png", title=f"{report['config']['loss']}")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(float(value)):
+        return None
+    return value
 
 
 def _json_default(value: Any) -> Any:
