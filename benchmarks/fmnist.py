@@ -49,7 +49,9 @@ def flip_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     rng = np.random.default_rng(seed)
     n_classes = int(labels.max()) + 1
     flipped = np.zeros(labels.shape[0], bool)
-    flipped[rng.choice(labels.shape[0], int(round(fraction * labels.shape[0])), replace=False)] = True
+    flipped[rng.choice(labels.shape[0], int(round(fraction * labels.shape[0])), replace=False)] = (
+        True
+    )
     noisy = labels.copy()
     shift = rng.integers(1, n_classes, size=int(flipped.sum()))
     noisy[flipped] = (labels[flipped] + shift) % n_classes
@@ -89,7 +91,9 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def knn_disagreement(features: np.ndarray, labels: np.ndarray, k: int = 10, block: int = 2048) -> np.ndarray:
+def knn_disagreement(
+    features: np.ndarray, labels: np.ndarray, k: int = 10, block: int = 2048
+) -> np.ndarray:
     """Fraction of each sample's k nearest neighbours (cosine, itself excluded) whose label
     differs from its own: the standard label-noise baseline on the same features."""
     x = features / np.linalg.norm(features, axis=1, keepdims=True)
@@ -100,5 +104,7 @@ def knn_disagreement(features: np.ndarray, labels: np.ndarray, k: int = 10, bloc
         rows = np.arange(sims.shape[0])
         sims[rows, start + rows] = -np.inf
         neighbours = np.argpartition(-sims, k, axis=1)[:, :k]
-        out[start : start + block] = (labels[neighbours] != labels[start : start + block, None]).mean(axis=1)
+        out[start : start + block] = (
+            labels[neighbours] != labels[start : start + block, None]
+        ).mean(axis=1)
     return out

@@ -64,7 +64,9 @@ def fit(features: np.ndarray, labels: np.ndarray, ids: list[str], shrinkage: flo
     return fit_gaussians(stats, shrinkage, normalized=True)
 
 
-def label_noise(features: np.ndarray, noisy: np.ndarray, flipped: np.ndarray, ids: list[str], sizes: list[int]) -> list[dict]:
+def label_noise(
+    features: np.ndarray, noisy: np.ndarray, flipped: np.ndarray, ids: list[str], sizes: list[int]
+) -> list[dict]:
     rng = np.random.default_rng(SEED + 1)
     order = rng.permutation(features.shape[0])
     rows = []
@@ -97,15 +99,27 @@ def corruption(encoder, model, work: Path, test_n: int) -> dict:
     out: dict = {"n_per_severity": int(len(pick))}
     clean = fmnist.png_samples(images, labels, [f"t{i}" for i in pick])
     clean_f = embed(clean, encoder, work / "test-clean", "clean test")
-    clean_rmd = model.score(np.stack([clean_f[s.sample_id] for s in clean]), [str(v) for v in labels])["rmd"]
+    clean_rmd = model.score(
+        np.stack([clean_f[s.sample_id] for s in clean]), [str(v) for v in labels]
+    )["rmd"]
     for kind in ("noise", "blur"):
         severity_all = [np.zeros(len(pick))]
         rmd_all = [clean_rmd]
         means = [float(clean_rmd.mean())]
         for severity in range(1, 6):
-            corrupted = np.stack([fmnist.corrupt(im, kind, severity, SEED + 1000 * severity + i) for i, im in enumerate(images)])
+            corrupted = np.stack(
+                [
+                    fmnist.corrupt(im, kind, severity, SEED + 1000 * severity + i)
+                    for i, im in enumerate(images)
+                ]
+            )
             ids = [f"t{i}-{kind}{severity}" for i in pick]
-            feats = embed(fmnist.png_samples(corrupted, labels, ids), encoder, work / f"test-{kind}{severity}", f"{kind} {severity}")
+            feats = embed(
+                fmnist.png_samples(corrupted, labels, ids),
+                encoder,
+                work / f"test-{kind}{severity}",
+                f"{kind} {severity}",
+            )
             rmd = model.score(np.stack([feats[i] for i in ids]), [str(v) for v in labels])["rmd"]
             severity_all.append(np.full(len(pick), severity))
             rmd_all.append(rmd)
@@ -146,23 +160,34 @@ def markdown(result: dict) -> str:
     for kind in ("noise", "blur"):
         m = c[kind]["mean_rmd_by_severity_0_to_5"]
         lines.append(
-            f"| gaussian {kind} | " + " | ".join(f"{v:.1f}" for v in m)
+            f"| gaussian {kind} | "
+            + " | ".join(f"{v:.1f}" for v in m)
             + f" | {c[kind]['spearman_per_sample']:.3f} | {c[kind]['spearman_of_means']:.3f} |"
         )
     lines.append("")
-    lines.append(f"Embedding: {result['embed_seconds']:.0f}s for {result['n']:,} training images; total {result['seconds']:.0f}s.")
+    lines.append(
+        f"Embedding: {result['embed_seconds']:.0f}s for {result['n']:,} training images; total {result['seconds']:.0f}s."
+    )
     return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=10000, help="training subset size")
     parser.add_argument("--sizes", default="1500,6000", help="smaller nested subsets also reported")
-    parser.add_argument("--test-n", type=int, default=500, help="test images per corruption severity")
+    parser.add_argument(
+        "--test-n", type=int, default=500, help="test images per corruption severity"
+    )
     parser.add_argument("--flip", type=float, default=0.10)
-    parser.add_argument("--work-dir", default="/tmp/fmnist-evidence", help="embedding cache (resumable)")
+    parser.add_argument(
+        "--work-dir", default="/tmp/fmnist-evidence", help="embedding cache (resumable)"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: all cores)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,7 +200,9 @@ def main() -> int:
     noisy, flipped = fmnist.flip_labels(clean, args.flip, SEED)
     ids = [str(i) for i in pick]
     t0 = time.perf_counter()
-    by_id = embed(fmnist.png_samples(images[pick], noisy, ids), encoder, work / f"train-{args.n}", "train")
+    by_id = embed(
+        fmnist.png_samples(images[pick], noisy, ids), encoder, work / f"train-{args.n}", "train"
+    )
     embed_seconds = time.perf_counter() - t0
     features = np.stack([by_id[i] for i in ids])
     sizes = sorted({int(s) for s in args.sizes.split(",") if s} | {args.n})
@@ -185,7 +212,9 @@ def main() -> int:
         "dim": int(features.shape[1]),
         "flip_fraction": args.flip,
         "embed_seconds": embed_seconds,
-        "label_noise": label_noise(features, noisy, flipped, ids, [s for s in sizes if s <= args.n]),
+        "label_noise": label_noise(
+            features, noisy, flipped, ids, [s for s in sizes if s <= args.n]
+        ),
     }
     clean_model = fit(features, clean, ids, "auto")
     result["corruption"] = corruption(encoder, clean_model, work, args.test_n)
