@@ -242,3 +242,27 @@ def test_tensor_decode_path_matches_the_pil_path(encoder) -> None:
     a, b = encoder.embed(tensor), encoder.embed(reference)
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.99
+
+
+def test_gpu_jpeg_route_keeps_order_and_bad_items(encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA route (headers checked in workers, JPEGs decoded as a batch by decode_batch_on_gpu,
+    # other formats through PIL, then merged back in input order) forced on the CPU.
+    import service.pipeline.embedding as embedding
+
+    monkeypatch.setattr(embedding, "gpu_decode_supported", lambda device, preprocessing: True)
+    samples = [
+        Sample("j0", "a", data=jpeg_bytes((200, 10, 10), 40, seed=0)),
+        Sample("p1", "a", data=palette_png()),
+        Sample("bad", "a", data=b"junk"),
+        Sample("j2", "b", data=jpeg_bytes((10, 10, 200), 48, seed=2)),
+        Sample("c3", "b", data=cmyk_jpeg()),  # CMYK JPEG: not for nvJPEG, goes through PIL
+        Sample("j4", "b", data=jpeg_bytes((10, 200, 10), 56, seed=4)),
+    ]
+    routed = embed_chunk(samples, encoder, batch_size=4, num_workers=2)
+    monkeypatch.undo()
+    plain = embed_chunk(samples, encoder, batch_size=4, num_workers=2)
+    assert routed.sample_ids == plain.sample_ids == ["j0", "p1", "j2", "c3", "j4"]
+    assert routed.failures == plain.failures == [("bad", "not an image (unrecognised format)")]
+    a, b = routed.features, plain.features
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99

@@ -46,7 +46,16 @@ def embed_to_store(args: argparse.Namespace) -> EmbeddingStore:
         def progress(done: int, total_: int | None) -> None:
             bar.update(done - bar.n)
 
-        report = embed_source(source, encoder, store, total=total, batch_size=batch_size, progress=progress)
+        try:
+            report = embed_source(source, encoder, store, total=total, batch_size=batch_size, progress=progress)
+        except KeyboardInterrupt:
+            hint = (
+                f"finished chunks are kept in {store.directory}; run the same command to resume"
+                if getattr(args, "work_dir", None)
+                else "pass --work-dir DIR to keep finished chunks and resume"
+            )
+            print(f"\ninterrupted: {hint}", file=sys.stderr)
+            raise SystemExit(130) from None
     print_embed_report(report, store)
     return store
 
