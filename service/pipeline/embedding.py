@@ -136,6 +136,7 @@ def embed_chunk(
     pool: ThreadPoolExecutor | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    with_statistics: bool = True,
 ) -> ChunkResult:
     """Decode, preprocess and embed ``samples``; bad items become failures, never exceptions.
 
@@ -195,7 +196,8 @@ def embed_chunk(
             pool.shutdown(wait=True, cancel_futures=True)
     dim = encoder.dim
     features = np.stack(parts).astype(np.float32) if parts else np.zeros((0, dim), np.float32)
-    return ChunkResult(ids, labels, features, failures, chunk_statistics(features, labels, ids), stopped)
+    statistics = chunk_statistics(features, labels, ids) if with_statistics and not stopped else None
+    return ChunkResult(ids, labels, features, failures, statistics, stopped)
 
 
 def _embed_batch(
@@ -293,6 +295,9 @@ def embed_source(
             progress(done, total)
 
     pool = ThreadPoolExecutor(max_workers=num_workers or default_workers(), thread_name_prefix="decode")
+    # Statistics of each written chunk are accumulated on a side thread (BLAS releases the GIL),
+    # off the path between forward passes: at GPU rates a 1280-d float64 update is not free.
+    stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statistics")
     try:
         pending: list[Sample] = []
         early_failures: list[tuple[str, str]] = []
@@ -308,14 +313,15 @@ def embed_source(
             seen.add(sample.sample_id)
             pending.append(sample)
             if len(pending) >= chunk_size:
-                if not _run_chunk(pending, early_failures, encoder, store, report, pool, batch_size, should_stop, tick):
+                if not _run_chunk(pending, early_failures, encoder, store, report, pool, stats_pool, batch_size, should_stop, tick):
                     break
                 pending, early_failures = [], []
         else:
             if pending or early_failures:
-                _run_chunk(pending, early_failures, encoder, store, report, pool, batch_size, should_stop, tick)
+                _run_chunk(pending, early_failures, encoder, store, report, pool, stats_pool, batch_size, should_stop, tick)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        stats_pool.shutdown(wait=True)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -327,12 +333,16 @@ def _run_chunk(
     store: EmbeddingStore,
     report: EmbedReport,
     pool: ThreadPoolExecutor,
+    stats_pool: ThreadPoolExecutor,
     batch_size: int,
     should_stop: Callable[[], bool] | None,
     tick: Callable[[int], None],
 ) -> bool:
     """Embed and store one chunk; False when stopped (nothing of this chunk is stored)."""
-    result = embed_chunk(pending, encoder, batch_size=batch_size, pool=pool, should_stop=should_stop, on_batch=tick)
+    result = embed_chunk(
+        pending, encoder, batch_size=batch_size, pool=pool, should_stop=should_stop, on_batch=tick,
+        with_statistics=False,
+    )
     if result.stopped:
         report.stopped = True
         return False
@@ -345,9 +355,15 @@ def _run_chunk(
     report.embedded += len(result.sample_ids)
     report.failures.extend(failures)
     report.chunks_written += 1
-    if result.statistics is not None:
-        report.statistics = result.statistics if report.statistics is None else report.statistics.merge(result.statistics)
+    stats_pool.submit(_accumulate, report, result)
     return True
+
+
+def _accumulate(report: EmbedReport, result: ChunkResult) -> None:
+    # Runs on the single statistics thread, so updates to report.statistics are serialised.
+    stats = chunk_statistics(result.features, result.labels, result.sample_ids)
+    if stats is not None:
+        report.statistics = stats if report.statistics is None else report.statistics.merge(stats)
 
 
 def failures_path(directory: Path, index: int) -> Path:
