@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--labels", help="labels for --embeddings (.npy ints, or text: one per line)")
     score.add_argument("--ids", help="sample IDs for --embeddings (text: one per line)")
     score.add_argument("--encoder", default="open_clip:ViT-B-16:openai")
-    score.add_argument("--shrinkage", default="auto", help="'auto' or a number in [0, 1]")
+    score.add_argument("--shrinkage", default="auto", help="'auto' (per covariance, SPEC), 'auto-shared' (one rho for both) or a number in [0, 1]")
     score.add_argument("--no-normalize", action="store_true", help="do not L2-normalise features")
     score.add_argument("--work-dir", default=None, help="where embeddings are kept (resumable)")
     score.add_argument("--device", default="auto")

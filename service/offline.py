@@ -28,12 +28,12 @@ CHUNK_ROWS = 65536
 
 
 def parse_shrinkage(value: str) -> float | str:
-    if value == "auto":
-        return "auto"
+    if value in ("auto", "auto-shared"):
+        return value
     try:
         rho = float(value)
     except ValueError:
-        raise InputError(f"--shrinkage must be 'auto' or a number in [0, 1], got {value!r}") from None
+        raise InputError(f"--shrinkage must be 'auto', 'auto-shared' or a number in [0, 1], got {value!r}") from None
     if not 0.0 <= rho <= 1.0:
         raise InputError(f"--shrinkage must be in [0, 1], got {value}")
     return rho

@@ -331,3 +331,14 @@ def test_folds_depend_only_on_ids():
     folds = assign_folds(ids)
     np.testing.assert_array_equal(folds, assign_folds(list(reversed(ids)))[::-1])
     assert set(np.bincount(folds)) and np.bincount(folds).min() > 150
+
+
+def test_auto_shared_uses_the_tied_choice_for_both():
+    rng = np.random.default_rng(21)
+    x, y = make_data(rng, n=60, d=12, k=3, scales=np.logspace(0, -2, 12))
+    stats = stats_of(x, y)
+    auto = fit_gaussians(stats, "auto")
+    shared = fit_gaussians(stats, "auto-shared")
+    assert shared.shrinkage == shared.shrinkage_agnostic == auto.shrinkage
+    ref = reference(x, y, shared.shrinkage, shared.shrinkage)
+    assert_scores_match(shared.score(x, [str(v) for v in y]), ref)

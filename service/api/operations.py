@@ -349,8 +349,8 @@ def _job_out(job: Job) -> schemas.JobOut:
 
 def start_fit(ctx: AppContext, tenant: str, dataset_id: str, options: schemas.FitOptions) -> schemas.JobAccepted:
     shrinkage = options.shrinkage
-    if shrinkage != "auto" and not 0.0 <= float(shrinkage) <= 1.0:
-        raise ApiError(422, f"shrinkage must be 'auto' or a number in [0, 1], got {shrinkage}")
+    if shrinkage not in ("auto", "auto-shared") and not 0.0 <= float(shrinkage) <= 1.0:
+        raise ApiError(422, f"shrinkage must be 'auto', 'auto-shared' or a number in [0, 1], got {shrinkage}")
     with ctx.db() as session:
         dataset = _owned(session, tenant, dataset_id)
         has_items = session.scalar(select(func.count()).select_from(Upload).where(Upload.dataset_id == dataset.id))

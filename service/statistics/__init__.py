@@ -2,6 +2,7 @@
 
 from service.statistics.folds import N_FOLDS, assign_folds
 from service.statistics.gaussian import (
+    AUTO_MODES,
     FitError,
     GaussianModel,
     Shrinkage,
@@ -18,6 +19,7 @@ from service.statistics.sufficient import SufficientStatistics
 from service.statistics.weights import difficulty_weights
 
 __all__ = [
+    "AUTO_MODES",
     "N_FOLDS",
     "SHRINKAGE_GRID",
     "CrossValidation",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import eigh
 
 from service.statistics.sufficient import SufficientStatistics
 
@@ -58,7 +59,8 @@ def _grid_log_likelihood(
     """Sum over held-out samples of log N(z; mu, Sigma_rho) for each rho on the grid, given
     the held-out scatter ``sum (z - mu)(z - mu)^T`` around the training means."""
     d = covariance.shape[0]
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    # LAPACK's MRRR driver (syevr): several times faster than numpy's divide-and-conquer here.
+    eigenvalues, eigenvectors = eigh(covariance, driver="evr")
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     target = eigenvalues.sum() / d
     # Diagonal of V^T A V without forming it.
