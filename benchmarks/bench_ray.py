@@ -50,7 +50,8 @@ def main() -> None:
 
         t0 = time.perf_counter()
         # One logical CPU more than the actor takes, so nothing else starves (SPEC section 4).
-        ray.init(num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
         t_init = time.perf_counter() - t0
         t0 = time.perf_counter()
         remote = embed_source_ray(open_source(root), args.encoder, EmbeddingStore(Path(tmp) / "ray"),

@@ -30,7 +30,8 @@ ENCODER = "efficientnet-lite0"
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", ignore_reinit_error=True)
     yield
     ray.shutdown()
 

@@ -123,7 +123,8 @@ def connect(settings: RaySettings) -> Any:
 
     if not ray.is_initialized():
         address = settings.address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}  # a private cluster: loopback only
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, **local)
     return ray
 
 
