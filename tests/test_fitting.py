@@ -66,3 +66,35 @@ def test_unlabelled_rows_are_not_fitted_or_scored(tmp_path):
     result = fit_store(store, shrinkage=0.1)
     assert result.scores.num_rows == 300
     assert result.model.count == 300
+
+
+def test_streamed_statistics_feed_the_fit_without_reading_features(tmp_path, monkeypatch):
+    """embed_source caches the statistics it streamed; the fit then reads no chunk for them,
+    and they equal statistics recomputed from the stored features. An append extends them."""
+    from imagedata import TINY_CLIP, save_tiny_clip_checkpoint, write_image_folder
+
+    from service.encoders import load_encoder
+    from service.ingest import open_source
+    from service.pipeline.embedding import embed_source
+
+    encoder = load_encoder(f"open_clip:{TINY_CLIP}:{save_tiny_clip_checkpoint(tmp_path / 'w')}", device="cpu", precision="fp32")
+    write_image_folder(tmp_path / "images", per_class=6)
+    store = EmbeddingStore(tmp_path / "store")
+    embed_source(open_source(tmp_path / "images"), encoder, store, chunk_size=5)
+    write_image_folder(tmp_path / "images" / "more", per_class=2)  # label "more", 6 new images
+    embed_source(open_source(tmp_path / "images"), encoder, store, chunk_size=5)
+
+    read = []
+    original = store.read_chunk
+    monkeypatch.setattr(store, "read_chunk", lambda i: read.append(i) or original(i))
+    streamed = labelled_statistics(store, normalize=True)
+    assert read == []
+    x = store.features().astype(np.float64)
+    chunks = list(store.iter_chunks())
+    labels = [str(v) for c in chunks for v in c.labels]
+    ids = [str(v) for c in chunks for v in c.sample_ids]
+    direct = SufficientStatistics(dim=x.shape[1]).update(normalize_features(x), labels, ids)
+    assert streamed.count == direct.count == 24
+    m1, m2 = fit_gaussians(streamed, 0.1), fit_gaussians(direct, 0.1)
+    np.testing.assert_allclose(m1.covariance, m2.covariance, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(m1.means, m2.means, rtol=1e-9, atol=1e-12)

@@ -29,6 +29,7 @@ import torch
 from service.encoders.base import Encoder, EncoderError
 from service.ingest.sample import Sample
 from service.pipeline.decode import BadImage, decode_image, open_image, read_sample_bytes
+from service.pipeline.fitting import extend_statistics_cache
 from service.pipeline.gpu_decode import decode_batch_on_gpu, gpu_decode_supported
 from service.statistics import SufficientStatistics, normalize_features
 from service.storage.embeddings import EmbeddingStore
@@ -252,8 +253,10 @@ def chunk_statistics(features: np.ndarray, labels: Sequence[str], ids: Sequence[
     if not keep or features.shape[0] == 0:
         return None
     stats = SufficientStatistics(dim=features.shape[1])
+    # Normalised in float64, exactly as pipeline.fitting does, so cached and recomputed
+    # statistics agree to the last digits.
     stats.update(
-        normalize_features(features[keep]), [labels[i] for i in keep], [ids[i] for i in keep]
+        normalize_features(features[keep].astype(np.float64)), [labels[i] for i in keep], [ids[i] for i in keep]
     )
     return stats
 
@@ -285,7 +288,6 @@ def embed_source(
     known = set(store.sample_ids().tolist())
     known.update(sample_id for sample_id, _ in read_failures(store.directory))
     report = EmbedReport()
-    seen: set[str] = set()
     done = 0
 
     def tick(n: int) -> None:
@@ -298,32 +300,66 @@ def embed_source(
     # Statistics of each written chunk are accumulated on a side thread (BLAS releases the GIL),
     # off the path between forward passes: at GPU rates a 1280-d float64 update is not free.
     stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statistics")
+    first_chunk = store.next_index()
     try:
-        pending: list[Sample] = []
-        early_failures: list[tuple[str, str]] = []
-        for sample in samples:
-            if sample.sample_id in known:
-                report.skipped_existing += 1
-                tick(1)
-                continue
-            if sample.sample_id in seen:
-                early_failures.append((sample.sample_id, "duplicate sample id (first occurrence kept)"))
-                tick(1)
-                continue
-            seen.add(sample.sample_id)
-            pending.append(sample)
-            if len(pending) >= chunk_size:
-                if not _run_chunk(pending, early_failures, encoder, store, report, pool, stats_pool, batch_size, should_stop, tick):
-                    break
-                pending, early_failures = [], []
-        else:
-            if pending or early_failures:
-                _run_chunk(pending, early_failures, encoder, store, report, pool, stats_pool, batch_size, should_stop, tick)
+        for pending, early_failures in chunks_to_embed(samples, known, chunk_size, report, tick):
+            if not _run_chunk(pending, early_failures, encoder, store, report, pool, stats_pool, batch_size, should_stop, tick):
+                break
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         stats_pool.shutdown(wait=True)
+    extend_statistics_cache(store, first_chunk, first_chunk + report.chunks_written, report.statistics)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def chunks_to_embed(
+    samples: Iterable[Sample],
+    known: set[str],
+    chunk_size: int,
+    report: EmbedReport,
+    tick: Callable[[int], None],
+) -> Iterator[tuple[list[Sample], list[tuple[str, str]]]]:
+    """Group the samples not yet in the store into chunks of ``chunk_size``, each with the
+    duplicates found while filling it. Every executor groups this way, so their stores match."""
+    seen: set[str] = set()
+    pending: list[Sample] = []
+    early_failures: list[tuple[str, str]] = []
+    for sample in samples:
+        if sample.sample_id in known:
+            report.skipped_existing += 1
+            tick(1)
+            continue
+        if sample.sample_id in seen:
+            early_failures.append((sample.sample_id, "duplicate sample id (first occurrence kept)"))
+            tick(1)
+            continue
+        seen.add(sample.sample_id)
+        pending.append(sample)
+        if len(pending) >= chunk_size:
+            yield pending, early_failures
+            pending, early_failures = [], []
+    if pending or early_failures:
+        yield pending, early_failures
+
+
+def store_chunk(
+    store: EmbeddingStore,
+    sample_ids: Sequence[str],
+    labels: Sequence[str],
+    features: np.ndarray,
+    failures: list[tuple[str, str]],
+    report: EmbedReport,
+) -> None:
+    """Write one finished chunk and its failures. Failures first, chunk last: the chunk file
+    marks the pair complete (read_failures ignores a failures file whose chunk is missing, and
+    the next run rewrites it)."""
+    index = store.next_index()
+    atomic_write_bytes(failures_path(store.directory, index), json.dumps(failures).encode())
+    store.write_chunk(index, sample_ids, labels, features)
+    report.embedded += len(sample_ids)
+    report.failures.extend(failures)
+    report.chunks_written += 1
 
 
 def _run_chunk(
@@ -346,15 +382,7 @@ def _run_chunk(
     if result.stopped:
         report.stopped = True
         return False
-    failures = early_failures + result.failures
-    index = store.next_index()
-    # Failures first, chunk last: the chunk file marks the pair complete (read_failures ignores
-    # a failures file whose chunk is missing, and the next run rewrites it).
-    atomic_write_bytes(failures_path(store.directory, index), json.dumps(failures).encode())
-    store.write_chunk(index, result.sample_ids, result.labels, result.features)
-    report.embedded += len(result.sample_ids)
-    report.failures.extend(failures)
-    report.chunks_written += 1
+    store_chunk(store, result.sample_ids, result.labels, result.features, early_failures + result.failures, report)
     stats_pool.submit(_accumulate, report, result)
     return True
 

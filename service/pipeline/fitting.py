@@ -67,6 +67,29 @@ def labelled_statistics(
     return stats
 
 
+def extend_statistics_cache(
+    store: EmbeddingStore, first_chunk: int, end_chunk: int, stats: SufficientStatistics | None
+) -> bool:
+    """Record the statistics of chunks ``first_chunk..end_chunk-1`` (normalised features, as
+    streamed by the embedding pipeline) in the prefix cache, so that the next fit reads no
+    features for them. Only extends a cache that covers exactly the chunks before
+    ``first_chunk``; otherwise leaves the cache alone (the fit then reads those chunks)."""
+    if end_chunk <= first_chunk:
+        return False
+    tag = "normalized"
+    base: SufficientStatistics | None = None
+    if first_chunk > 0:
+        cached = _latest_cache(store, tag, list(range(first_chunk)))
+        if cached is None or cached[0] != first_chunk:
+            return False
+        base = SufficientStatistics.from_arrays(load_npz(cached[1]))
+    if stats is None and base is None:
+        return False  # nothing labelled yet: the fit computes (and caches) from the features
+    merged = stats if base is None else (base if stats is None else base.merge(stats))
+    atomic_savez(store.directory / f"stats-{tag}-upto-{end_chunk:06d}.npz", merged.to_arrays())
+    return True
+
+
 def _latest_cache(store: EmbeddingStore, tag: str, indices: list[int]) -> tuple[int, object] | None:
     # A cache "upto-k" covers chunks 0..k-1; valid only while those chunks are unchanged,
     # which holds because chunks are append-only.

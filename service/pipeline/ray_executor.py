@@ -37,12 +37,13 @@ from service.ingest.sample import Sample
 from service.pipeline.embedding import (
     EmbedReport,
     check_encoder_record,
-    failures_path,
+    chunks_to_embed,
     read_failures,
+    store_chunk,
 )
+from service.pipeline.fitting import extend_statistics_cache
 from service.statistics import SufficientStatistics
 from service.storage.embeddings import EmbeddingStore
-from service.storage.files import atomic_write_bytes
 
 # Encoded bytes sent to the cluster per Ray Data pipeline (window). Path rows are tiny and are
 # all sent in one window, so the actor pool (and its model load) lives for the whole run.
@@ -128,41 +129,16 @@ def connect(settings: RaySettings) -> Any:
     return ray
 
 
-def _rows(
-    samples: Iterable[Sample], known: set[str], chunk_size: int, report: EmbedReport, tick: Callable[[int], None]
-) -> Iterator[tuple[dict[str, Any], list[tuple[str, str]]]]:
-    """Group new samples into chunks exactly as the local executor does."""
-    seen: set[str] = set()
-    pending: list[Sample] = []
-    early: list[tuple[str, str]] = []
-
-    def row(chunk: list[Sample]) -> dict[str, Any]:
-        # A reader's own problems (unsafe name, unreadable member) travel with the sample and
-        # become failures in the unit of work, as in the local executor.
-        return {
-            "sample_ids": json.dumps([s.sample_id for s in chunk]),
-            "labels": json.dumps([s.label for s in chunk]),
-            "paths": json.dumps([s.path if s.data is None else None for s in chunk]),
-            "payloads": [s.data if s.data is not None else b"" for s in chunk],
-            "errors": json.dumps([s.error for s in chunk]),
-        }
-
-    for sample in samples:
-        if sample.sample_id in known:
-            report.skipped_existing += 1
-            tick(1)
-            continue
-        if sample.sample_id in seen:
-            early.append((sample.sample_id, "duplicate sample id (first occurrence kept)"))
-            tick(1)
-            continue
-        seen.add(sample.sample_id)
-        pending.append(sample)
-        if len(pending) >= chunk_size:
-            yield row(pending), early
-            pending, early = [], []
-    if pending or early:
-        yield row(pending), early
+def _row(chunk: list[Sample]) -> dict[str, Any]:
+    """One chunk as a Ray Data row. A reader's own problems (unsafe name, unreadable member)
+    travel with the sample and become failures in the unit of work, as in the local executor."""
+    return {
+        "sample_ids": json.dumps([s.sample_id for s in chunk]),
+        "labels": json.dumps([s.label for s in chunk]),
+        "paths": json.dumps([s.path if s.data is None else None for s in chunk]),
+        "payloads": [s.data if s.data is not None else b"" for s in chunk],
+        "errors": json.dumps([s.error for s in chunk]),
+    }
 
 
 def embed_source_ray(
@@ -207,7 +183,9 @@ def embed_source_ray(
     window: list[dict[str, Any]] = []
     early_failures: dict[int, list[tuple[str, str]]] = {}
     window_bytes = 0
-    for row, early in _rows(samples, known, chunk_size, report, tick):
+    first_chunk = store.next_index()
+    for chunk, early in chunks_to_embed(samples, known, chunk_size, report, tick):
+        row = _row(chunk)
         row["index"] = len(window)
         early_failures[len(window)] = early
         window.append(row)
@@ -219,6 +197,7 @@ def embed_source_ray(
     else:
         if window:
             _run_window(ray, window, early_failures, encoder_name, device, batch_size, num_workers, actors, gpus, settings, store, report, tick, should_stop)
+    extend_statistics_cache(store, first_chunk, first_chunk + report.chunks_written, report.statistics)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -268,13 +247,7 @@ def _run_window(
         labels = json.loads(result["labels"])
         features = np.load(io.BytesIO(result["features"]), allow_pickle=False)
         failures = [tuple(f) for f in early_failures[index]] + [tuple(f) for f in json.loads(result["failures"])]
-        chunk_index = store.next_index()
-        # Same order as the local executor: failures first, the chunk file marks completion.
-        atomic_write_bytes(failures_path(store.directory, chunk_index), json.dumps(failures).encode())
-        store.write_chunk(chunk_index, ids, labels, features)
-        report.embedded += len(ids)
-        report.failures.extend(failures)  # type: ignore[arg-type]
-        report.chunks_written += 1
+        store_chunk(store, ids, labels, features, failures, report)  # type: ignore[arg-type]
         if result["statistics"]:
             stats = SufficientStatistics.from_arrays(_load_npz_bytes(result["statistics"]))
             report.statistics = stats if report.statistics is None else report.statistics.merge(stats)
