@@ -14,8 +14,12 @@ Public API (other test modules import these):
         context manager -> SQLAlchemy URL of a fresh database `difficulty_test_<hex>` on
         DIFFICULTY_TEST_POSTGRES_URL (default postgresql+psycopg2://postgres@127.0.0.1:5432/test),
         dropped on exit. Raises PostgresUnavailable when the server cannot be reached.
+    database_for(kind, sqlite_path=None)
+        context manager -> a database URL for a fixture parametrised over "sqlite" and
+        "postgresql": sqlite_path as a URL (None: the server's default file in its data dir), or
+        a fresh PostgreSQL database. PostgreSQL unreachable: the test is skipped, but fails when
+        CI is set (CI must test PostgreSQL).
     wait_for_job(client, job_id, timeout=120, states=FINAL) -> the job JSON
-    database_urls() -> ["sqlite", "postgresql"] parameter ids for parametrised fixtures.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -166,5 +171,16 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 120.0,
         time.sleep(0.2)
 
 
-def database_urls() -> list[str]:
-    return ["sqlite", "postgresql"]
+@contextlib.contextmanager
+def database_for(kind: str, sqlite_path: Path | None = None) -> Iterator[str | None]:
+    if kind == "sqlite":
+        yield f"sqlite:///{sqlite_path}" if sqlite_path is not None else None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(postgres_database())
+        except PostgresUnavailable as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"{exc} (CI must provide PostgreSQL: scripts/test-services.sh)")
+            pytest.skip(str(exc))
+        yield url

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from apiserver import PostgresUnavailable, postgres_database, running_server, wait_for_job
+from apiserver import database_for, running_server, wait_for_job
 
 KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key"}
 SCORE_FIELDS = {"sample_id", "label", "rmd", "md_class", "md_agnostic", "rmd_min", "predicted_label"}
@@ -20,20 +20,8 @@ SCORE_FIELDS = {"sample_id", "label", "rmd", "md_class", "md_agnostic", "rmd_min
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp(f"api-{request.param}") / "data"
-    if request.param == "sqlite":
-        with running_server(data_dir, api_keys=KEYS) as url:
-            yield url, data_dir
-        return
-    try:
-        database = postgres_database()
-        db_url = database.__enter__()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        with running_server(data_dir, database_url=db_url, api_keys=KEYS) as url:
-            yield url, data_dir
-    finally:
-        database.__exit__(None, None, None)
+    with database_for(request.param) as db_url, running_server(data_dir, database_url=db_url, api_keys=KEYS) as url:
+        yield url, data_dir
 
 
 def client(url: str, tenant: str | None = "alice") -> httpx.Client:

@@ -11,8 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from apiserver import (
-    PostgresUnavailable,
-    postgres_database,
+    database_for,
     running_server,
     running_worker,
     wait_for_job,
@@ -33,20 +32,11 @@ N = 1500
 def deployment(request, tmp_path_factory):
     """API without an in-process worker; tests start `difficulty worker` processes."""
     data_dir = tmp_path_factory.mktemp(f"jobs-{request.param}") / "data"
-    if request.param == "sqlite":
-        with running_server(data_dir, with_worker=False, env=ENV) as url:
-            yield url, data_dir, None
-        return
-    try:
-        database = postgres_database()
-        db_url = database.__enter__()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        with running_server(data_dir, database_url=db_url, with_worker=False, env=ENV) as url:
-            yield url, data_dir, db_url
-    finally:
-        database.__exit__(None, None, None)
+    with (
+        database_for(request.param) as db_url,
+        running_server(data_dir, database_url=db_url, with_worker=False, env=ENV) as url,
+    ):
+        yield url, data_dir, db_url
 
 
 def new_dataset(c: httpx.Client) -> str:

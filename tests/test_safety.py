@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
-from apiserver import PostgresUnavailable, postgres_database, running_server, wait_for_job
+from apiserver import database_for, running_server, wait_for_job
 from PIL import Image
 
 from service.ingest.safety import ArchiveError, inspect_archive
@@ -127,20 +127,8 @@ def server(request, tmp_path_factory):
         "DIFFICULTY_MAX_ARCHIVE_MEMBERS": str(LIMITS["max_members"]),
         "DIFFICULTY_IMAGE_CHUNK_ROWS": "8",
     }
-    if request.param == "sqlite":
-        with running_server(data_dir, env=env) as url:
-            yield url, data_dir, "sqlite"
-        return
-    try:
-        database = postgres_database()
-        db_url = database.__enter__()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        with running_server(data_dir, database_url=db_url, env=env) as url:
-            yield url, data_dir, "postgresql"
-    finally:
-        database.__exit__(None, None, None)
+    with database_for(request.param) as db_url, running_server(data_dir, database_url=db_url, env=env) as url:
+        yield url, data_dir, request.param
 
 
 def test_hostile_uploads_get_4xx_and_write_nothing(server):

@@ -7,7 +7,7 @@ import time
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from apiserver import PostgresUnavailable, postgres_database
+from apiserver import database_for
 
 from service.jobs import queue
 from service.storage.database import Base, Dataset, make_engine, make_sessionmaker, migrate
@@ -15,22 +15,12 @@ from service.storage.database import Base, Dataset, make_engine, make_sessionmak
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request, tmp_path):
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-        yield engine
-        engine.dispose()
-        return
-    try:
-        database = postgres_database()
-        url = database.__enter__()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    engine = make_engine(url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        database.__exit__(None, None, None)
+    with database_for(request.param, tmp_path / "db.sqlite") as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def test_migrations_are_idempotent_and_match_the_models(engine):

@@ -32,7 +32,7 @@ if importlib.util.find_spec("service.jobs.worker") is None:  # only while the wo
     pytest.skip("service.jobs.worker does not exist yet: no `difficulty worker` to run", allow_module_level=True)
 
 import httpx  # noqa: E402
-from apiserver import PostgresUnavailable, postgres_database, running_server, running_worker  # noqa: E402
+from apiserver import database_for, running_server, running_worker  # noqa: E402
 from sqlalchemy import Engine, create_engine, text  # noqa: E402
 
 from service.storage import layout  # noqa: E402
@@ -79,12 +79,7 @@ def topology(tmp_path):
     sharing one data dir and one environment: the compose services without containers."""
     data_dir = tmp_path / "data"
     with contextlib.ExitStack() as stack:
-        try:
-            database_url = stack.enter_context(postgres_database())
-        except PostgresUnavailable as exc:
-            if os.environ.get("CI"):
-                pytest.fail(f"{exc} (CI must provide PostgreSQL: scripts/test-services.sh)")
-            pytest.skip(str(exc))
+        database_url = stack.enter_context(database_for("postgresql"))
         base_url = stack.enter_context(running_server(
             data_dir, database_url, api_keys={"topology": API_KEY}, with_worker=False, env=SERVICE_ENV
         ))
