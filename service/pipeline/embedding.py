@@ -284,25 +284,16 @@ def embed_source(
     if chunk_size < 1 or batch_size < 1:
         raise ValueError("chunk_size and batch_size must be at least 1")
     started = time.perf_counter()
-    check_encoder_record(store, encoder)
-    known = set(store.sample_ids().tolist())
-    known.update(sample_id for sample_id, _ in read_failures(store.directory))
+    check_encoder_record(store, encoder.describe())
     report = EmbedReport()
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
+    tick = SettledCounter(progress, total)
     pool = ThreadPoolExecutor(max_workers=num_workers or default_workers(), thread_name_prefix="decode")
     # Statistics of each written chunk are accumulated on a side thread (BLAS releases the GIL),
     # off the path between forward passes: at GPU rates a 1280-d float64 update is not free.
     stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statistics")
     first_chunk = store.next_index()
     try:
-        for pending, early_failures in chunks_to_embed(samples, known, chunk_size, report, tick):
+        for pending, early_failures in chunks_to_embed(samples, store, chunk_size, report, tick):
             if not _run_chunk(pending, early_failures, encoder, store, report, pool, stats_pool, batch_size, should_stop, tick):
                 break
     finally:
@@ -313,15 +304,33 @@ def embed_source(
     return report
 
 
+class SettledCounter:
+    """Counts samples settled in this run (embedded, failed or already present) and reports
+    ``progress(done, total)`` after each step."""
+
+    def __init__(self, progress: Callable[[int, int | None], None] | None, total: int | None) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
 def chunks_to_embed(
     samples: Iterable[Sample],
-    known: set[str],
+    store: EmbeddingStore,
     chunk_size: int,
     report: EmbedReport,
     tick: Callable[[int], None],
 ) -> Iterator[tuple[list[Sample], list[tuple[str, str]]]]:
-    """Group the samples not yet in the store into chunks of ``chunk_size``, each with the
-    duplicates found while filling it. Every executor groups this way, so their stores match."""
+    """Group the samples not yet in the store (embedded or listed as failed before) into chunks
+    of ``chunk_size``, each with the duplicates found while filling it. Every executor groups
+    this way, so their stores match."""
+    known = set(store.sample_ids().tolist())
+    known.update(sample_id for sample_id, _ in read_failures(store.directory))
     seen: set[str] = set()
     pending: list[Sample] = []
     early_failures: list[tuple[str, str]] = []
@@ -412,10 +421,10 @@ def read_failures(store_directory: str | Path) -> list[tuple[str, str]]:
     return out
 
 
-def check_encoder_record(store: EmbeddingStore, encoder: Encoder) -> None:
-    """Record the encoder with the first chunk; refuse to mix features of different encoders."""
+def check_encoder_record(store: EmbeddingStore, record: dict) -> None:
+    """Record the encoder (its ``describe()``) with the first chunk; refuse to mix features of
+    different encoders."""
     path = store.directory / ENCODER_RECORD
-    record = encoder.describe()
     if path.exists():
         previous = json.loads(path.read_text())
         if (previous.get("name"), previous.get("weights_sha256")) != (record["name"], record["weights_sha256"]):

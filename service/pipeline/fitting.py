@@ -146,8 +146,6 @@ def fit_store(
     progress: Progress | None = None,
 ) -> FitResult:
     stats = labelled_statistics(store, normalize=normalize)
-    if len(stats.classes) < 1:
-        raise ValueError("no labelled samples")
     model = fit_gaussians(stats, shrinkage, normalized=normalize)
     return FitResult(model, score_store(model, store, progress))
 

@@ -36,9 +36,9 @@ import numpy as np
 from service.ingest.sample import Sample
 from service.pipeline.embedding import (
     EmbedReport,
+    SettledCounter,
     check_encoder_record,
     chunks_to_embed,
-    read_failures,
     store_chunk,
 )
 from service.pipeline.fitting import extend_statistics_cache
@@ -76,7 +76,7 @@ class EmbedChunks:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         from service.pipeline.embedding import embed_chunk
 
-        out: dict[str, list[Any]] = {k: [] for k in ("index", "sample_ids", "labels", "features", "failures", "statistics", "encoder", "pid")}
+        out: dict[str, list[Any]] = {k: [] for k in ("index", "sample_ids", "labels", "features", "failures", "statistics", "encoder")}
         for row in range(len(batch["index"])):
             samples = list(_samples_of(batch, row))
             result = embed_chunk(samples, self.encoder, batch_size=self.batch_size, num_workers=self.num_workers)
@@ -87,7 +87,6 @@ class EmbedChunks:
             out["failures"].append(json.dumps(result.failures))
             out["statistics"].append(b"" if result.statistics is None else _npz_bytes(result.statistics.to_arrays()))
             out["encoder"].append(json.dumps(self.encoder.describe()))
-            out["pid"].append(os.getpid())
         return out
 
 
@@ -161,21 +160,12 @@ def embed_source_ray(
     settings = settings or RaySettings()
     ray = connect(settings)
     started = time.perf_counter()
-    known = set(store.sample_ids().tolist())
-    known.update(sample_id for sample_id, _ in read_failures(store.directory))
     report = EmbedReport()
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
-    gpus = settings.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    actors = settings.num_actors or max(1, int(ray.cluster_resources().get("GPU", 0)) if gpus else 1)
+    tick = SettledCounter(progress, total)
+    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = settings.gpus_per_actor if settings.gpus_per_actor is not None else float(cluster_gpus >= 1)
+    # One actor per GPU; a single CPU actor on a cluster without GPUs.
+    actors = settings.num_actors or (max(1, cluster_gpus) if gpus else 1)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # chunks reach the store in source order
     context.enable_progress_bars = False
@@ -184,7 +174,7 @@ def embed_source_ray(
     early_failures: dict[int, list[tuple[str, str]]] = {}
     window_bytes = 0
     first_chunk = store.next_index()
-    for chunk, early in chunks_to_embed(samples, known, chunk_size, report, tick):
+    for chunk, early in chunks_to_embed(samples, store, chunk_size, report, tick):
         row = _row(chunk)
         row["index"] = len(window)
         early_failures[len(window)] = early
@@ -240,7 +230,7 @@ def _run_window(
     checked = False
     for result in embedded.iter_rows():
         if not checked:
-            _check_encoder(store, json.loads(result["encoder"]))
+            check_encoder_record(store, json.loads(result["encoder"]))
             checked = True
         index = int(result["index"])
         ids = json.loads(result["sample_ids"])
@@ -257,10 +247,3 @@ def _run_window(
             return False
     return True
 
-
-def _check_encoder(store: EmbeddingStore, record: dict[str, Any]) -> None:
-    class _Described:
-        def describe(self) -> dict[str, Any]:
-            return record
-
-    check_encoder_record(store, _Described())  # type: ignore[arg-type]

@@ -60,10 +60,11 @@ class EmbeddingStore:
         features: np.ndarray,
     ) -> Chunk:
         features = np.ascontiguousarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[0] != len(sample_ids) != len(labels):
-            raise ValueError("chunk sample_ids, labels and feature rows must agree")
-        if len(labels) != len(sample_ids):
-            raise ValueError("chunk sample_ids and labels must have the same length")
+        if features.ndim != 2 or not features.shape[0] == len(sample_ids) == len(labels):
+            raise ValueError(
+                f"a chunk needs as many sample_ids ({len(sample_ids)}) and labels ({len(labels)}) "
+                f"as feature rows (features of shape {features.shape})"
+            )
         ids = np.asarray([str(s) for s in sample_ids], dtype=np.str_)
         labs = np.asarray(["" if x is None else str(x) for x in labels], dtype=np.str_)
         atomic_savez(self.path(index), {"sample_ids": ids, "labels": labs, "features": features})
@@ -77,8 +78,12 @@ class EmbeddingStore:
         for index in self.chunk_indices():
             yield self.read_chunk(index)
 
+    def _ids(self, index: int) -> np.ndarray:
+        # Reads only the IDs member of the chunk file, not its features.
+        return load_npz(self.path(index), keys=("sample_ids",))["sample_ids"]
+
     def count(self) -> int:
-        return sum(len(c.sample_ids) for c in self.iter_chunks())
+        return sum(len(self._ids(i)) for i in self.chunk_indices())
 
     def dim(self) -> int | None:
         for chunk in self.iter_chunks():
@@ -86,7 +91,7 @@ class EmbeddingStore:
         return None
 
     def sample_ids(self) -> np.ndarray:
-        parts = [c.sample_ids for c in self.iter_chunks()]
+        parts = [self._ids(i) for i in self.chunk_indices()]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.str_)
 
     def features(self) -> np.ndarray:

@@ -61,6 +61,7 @@ def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return atomic_write(path, write)
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
+def load_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (only ``keys`` when given: the others are not read)."""
     with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+        return {key: data[key] for key in (data.files if keys is None else keys)}
