@@ -37,6 +37,7 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from service.pipeline.fitting import SCORE_COLUMNS  # noqa: E402
 from service.storage.scores import Cursor, page  # noqa: E402
 
 
@@ -153,18 +154,7 @@ def layout_comparison(
         " rmd_min REAL, predicted_label TEXT)"
     )
     started = time.perf_counter()
-    columns = [
-        table.column(c).to_pylist()
-        for c in (
-            "sample_id",
-            "label",
-            "rmd",
-            "md_class",
-            "md_agnostic",
-            "rmd_min",
-            "predicted_label",
-        )
-    ]
+    columns = [table.column(c).to_pylist() for c in SCORE_COLUMNS]
     connection.executemany("INSERT INTO scores VALUES (?,?,?,?,?,?,?)", zip(*columns, strict=True))
     connection.execute("CREATE INDEX ix ON scores (rmd, sample_id)")
     connection.commit()

@@ -111,25 +111,16 @@ def _rmd(path: str) -> np.ndarray:
     return column.chunk(0).to_numpy() if column.num_chunks == 1 else column.to_numpy()
 
 
-def _position_after(table: pa.Table, rmd: np.ndarray, lo: int, hi: int, cursor: Cursor) -> int:
-    """First row in [lo, hi) whose (rmd, sample_id) is greater than the cursor's."""
+def _position(table: pa.Table, rmd: np.ndarray, lo: int, hi: int, cursor: Cursor, *, after: bool) -> int:
+    """In [lo, hi), sorted by (rmd, sample_id): the first row greater than the cursor
+    (``after``), or one past the last row smaller than it (not ``after``)."""
     start = lo + int(np.searchsorted(rmd[lo:hi], cursor.rmd, side="left"))
     stop = lo + int(np.searchsorted(rmd[lo:hi], cursor.rmd, side="right"))
     if start == stop:
         return start
     # Equal rmd values: ordered by sample_id; usually one or two rows.
     ids = table.column("sample_id").slice(start, stop - start).to_pylist()
-    return start + bisect.bisect_right(ids, cursor.sample_id)
-
-
-def _position_before(table: pa.Table, rmd: np.ndarray, lo: int, hi: int, cursor: Cursor) -> int:
-    """One past the last row in [lo, hi) whose (rmd, sample_id) is smaller than the cursor's."""
-    start = lo + int(np.searchsorted(rmd[lo:hi], cursor.rmd, side="left"))
-    stop = lo + int(np.searchsorted(rmd[lo:hi], cursor.rmd, side="right"))
-    if start == stop:
-        return start
-    ids = table.column("sample_id").slice(start, stop - start).to_pylist()
-    return start + bisect.bisect_left(ids, cursor.sample_id)
+    return start + (bisect.bisect_right if after else bisect.bisect_left)(ids, cursor.sample_id)
 
 
 def page(
@@ -146,12 +137,12 @@ def page(
         lo, hi = _label_offsets(str(directory / LABELS_FILE)).get(label, (0, 0))
     rmd = _rmd(path)
     if descending:
-        end = hi if cursor is None else _position_before(table, rmd, lo, hi, cursor)
+        end = hi if cursor is None else _position(table, rmd, lo, hi, cursor, after=False)
         begin = max(lo, end - limit)
         rows = table.slice(begin, end - begin).to_pylist()[::-1]
         more = begin > lo
     else:
-        begin = lo if cursor is None else _position_after(table, rmd, lo, hi, cursor)
+        begin = lo if cursor is None else _position(table, rmd, lo, hi, cursor, after=True)
         end = min(hi, begin + limit)
         rows = table.slice(begin, end - begin).to_pylist()
         more = end < hi
