@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
+from ci import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -180,7 +180,5 @@ def database_for(kind: str, sqlite_path: Path | None = None) -> Iterator[str | N
         try:
             url = stack.enter_context(postgres_database())
         except PostgresUnavailable as exc:
-            if os.environ.get("CI"):
-                pytest.fail(f"{exc} (CI must provide PostgreSQL: scripts/test-services.sh)")
-            pytest.skip(str(exc))
+            skip_unless_ci(f"{exc} (scripts/test-services.sh starts PostgreSQL)")
         yield url

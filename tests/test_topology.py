@@ -10,7 +10,6 @@ expires, resume it, and produce exactly the scores of an uninterrupted run of th
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -21,21 +20,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
+from apiserver import database_for, running_server, running_worker
+from sqlalchemy import Engine, create_engine, text
+
+from service.storage import layout
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(600)]
-
-if importlib.util.find_spec("service.jobs.worker") is None:  # only while the worker is unwritten
-    pytest.skip("service.jobs.worker does not exist yet: no `difficulty worker` to run", allow_module_level=True)
-
-import httpx  # noqa: E402
-from apiserver import database_for, running_server, running_worker  # noqa: E402
-from sqlalchemy import Engine, create_engine, text  # noqa: E402
-
-from service.storage import layout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "topology-test-key"
