@@ -13,8 +13,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,10 @@ from service.storage.database import Dataset, Fit, Job, Upload, new_id, utcnow
 from service.storage.embeddings import EmbeddingStore
 from service.storage.files import atomic_savez, atomic_write_bytes
 from service.storage.scores import class_summary, write_score_files
+
+if TYPE_CHECKING:  # the image pipeline (torch) is imported only by jobs that embed images
+    from service.ingest.sample import Sample
+    from service.pipeline.embedding import EmbedReport
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +321,15 @@ def _ingest_archive(
     return int(report.embedded) + int(report.skipped_existing), len(report.failures)
 
 
-def _embed_on_ray(source, encoder_name, store, total, settings, ctx, progress):  # type: ignore[no-untyped-def]
+def _embed_on_ray(
+    source: Iterable[Sample],
+    encoder_name: str,
+    store: EmbeddingStore,
+    total: int,
+    settings: Settings,
+    ctx: JobContext,
+    progress: Callable[[int, int | None], None],
+) -> EmbedReport:
     """The same embedding on a Ray cluster; the store ends up as the local executor leaves it."""
     try:
         from service.pipeline.ray_executor import RaySettings, embed_source_ray
