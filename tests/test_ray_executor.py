@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -84,8 +83,15 @@ def test_ray_equals_local(cluster, images, local_store, tmp_path):
 
 
 def _actor_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "MapWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """PIDs of Ray Data's map actors (their process title names MapWorker), read from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"MapWorker" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return pids
 
 
 def test_killed_actor_is_retried_without_loss_or_duplicates(cluster, images, local_store, tmp_path):
