@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_ENCODER = "open_clip:ViT-B-16:openai"
@@ -107,9 +107,6 @@ class Settings:
         # Uploads are spooled here, on the data dir's file system, so the final rename is atomic
         # and nothing is written outside the data dir (no system /tmp).
         return self.data_dir / "tmp"
-
-    def with_overrides(self, **changes: object) -> Settings:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 def default_database_url(data_dir: Path) -> str:

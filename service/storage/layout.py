@@ -15,9 +15,5 @@ def store_dir(data_dir: Path, dataset_id: str) -> Path:
     return dataset_dir(data_dir, dataset_id) / "embeddings"
 
 
-def uploads_dir(data_dir: Path, dataset_id: str) -> Path:
-    return dataset_dir(data_dir, dataset_id) / "uploads"
-
-
 def fit_dir(data_dir: Path, dataset_id: str, fit_id: str) -> Path:
     return dataset_dir(data_dir, dataset_id) / "fits" / fit_id
