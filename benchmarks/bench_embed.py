@@ -1,9 +1,17 @@
 """Embedding throughput, side by side in one run (absolute numbers drift on shared machines):
 
+Floor and end-to-end alternate for ``--rounds`` rounds; the table gives medians, and e2e / floor
+is the median of the per-round ratios (with its range), since absolute rates drift on shared machines.
+
 - floor:      the encoder's forward pass alone on preloaded, preprocessed tensors (on the device);
 - end-to-end: JPEG files on disk -> open_source -> decode workers (GPU nvJPEG on CUDA) ->
               batches -> forward -> chunk store, i.e. ``embed_source`` exactly as the service runs;
-- naive:      one Python thread: PIL open + the encoder's preprocessing + forward, batch at a time.
+- naive:      one Python thread: PIL open + the encoder's preprocessing + forward, batch at a time;
+- feed:       end-to-end with the forward pass replaced by a no-op (``FeedOnly``): the rate at which
+              the pipeline (read, decode, preprocess, copy, store) can feed a model, its ceiling.
+              Where feed >> floor, the model sets the pace; where feed ~ end-to-end, the host does.
+- stages:     per image on one thread: JPEG decode, the encoder's preprocessing, and the header
+              check alone (all a CUDA run with nvJPEG leaves to the host), in ms.
 
 CPU (this machine):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_embed.py \
@@ -29,6 +37,7 @@ from PIL import Image
 
 from service.encoders import Encoder, load_encoder
 from service.ingest import open_source
+from service.pipeline.decode import decode_image, open_image
 from service.pipeline.embedding import embed_source
 from service.storage.embeddings import EmbeddingStore
 
@@ -79,6 +88,26 @@ def write_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Pa
             image = synthetic_photo(rng, size)
         image.save(folder / f"{i:06d}.jpg", quality=90)
     return root
+
+
+class FeedOnly(Encoder):
+    """The wrapped encoder's preprocessing, device and record, with no forward pass.
+
+    ``embed`` still waits for the batch (a per-image mean copied to the host), so GPU decode
+    and host-to-device copies are timed as in a real run."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner = inner
+        self.name, self.dim, self.device = inner.name, inner.dim, inner.device
+        self.weights_sha256, self.preprocessing = inner.weights_sha256, inner.preprocessing
+        self.decode_size = inner.decode_size
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.inner.preprocess(image)
+
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        means = batch.to(self.device, non_blocking=True).flatten(1).float().mean(1).cpu().numpy()
+        return np.repeat(1.0 + means[:, None], self.dim, axis=1).astype(np.float32)
 
 
 def sync(device: torch.device) -> None:
@@ -136,6 +165,29 @@ def end_to_end_rate(
     return report.embedded / seconds, report.embedded
 
 
+def stage_costs(encoder: Encoder, files: list[Path]) -> dict[str, float]:
+    """Milliseconds per image of each host-side stage, on one thread."""
+    data = [p.read_bytes() for p in files]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        images = [decode_image(b, draft_size=encoder.decode_size) for b in data]
+        decode = time.perf_counter() - started
+        started = time.perf_counter()
+        for image in images:
+            encoder.preprocess(image)
+        preprocess = time.perf_counter() - started
+        started = time.perf_counter()
+        for b in data:
+            open_image(b)
+        header = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    n = len(data)
+    return {"decode_ms": 1e3 * decode / n, "preprocess_ms": 1e3 * preprocess / n, "header_ms": 1e3 * header / n}
+
+
 def naive_rate(encoder: Encoder, files: list[Path], batch_size: int) -> float:
     """What a user writes first: one thread, PIL open + preprocess, then the model, per batch."""
     started = time.perf_counter()
@@ -169,6 +221,13 @@ def main() -> int:
         "--workers", type=int, default=None, help="decode threads (default: cores, max 16)"
     )
     parser.add_argument("--floor-repeats", type=int, default=4, help="batches timed for the floor")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="floor and end-to-end alternate this many times; medians are reported "
+        "(shared machines drift between measurements)",
+    )
     parser.add_argument("--images-dir", default=None, help="reuse/keep the JPEGs here")
     parser.add_argument(
         "--out", default=None, help="folder for bench-embed.md and bench-embed.json"
@@ -186,12 +245,19 @@ def main() -> int:
     for name in [e for e in args.encoders.split(",") if e]:
         encoder = load_encoder(name, device=args.device, precision=args.precision)
         label = f"{encoder.name} ({encoder.preprocessing.get('precision')}, {encoder.device.type})"
-        print(f"{label}: floor ...", file=sys.stderr, flush=True)
-        floor = floor_rate(encoder, files, args.batch_size, args.floor_repeats)
-        print(f"{label}: end-to-end ...", file=sys.stderr, flush=True)
-        e2e, n = end_to_end_rate(encoder, root, args.batch_size, args.workers, args.chunk_size)
+        floors, e2es = [], []
+        for round_ in range(1, max(1, args.rounds) + 1):
+            print(f"{label}: round {round_}: floor, end-to-end ...", file=sys.stderr, flush=True)
+            floors.append(floor_rate(encoder, files, args.batch_size, args.floor_repeats))
+            e2e, n = end_to_end_rate(encoder, root, args.batch_size, args.workers, args.chunk_size)
+            e2es.append(e2e)
+        ratios = [e / f for e, f in zip(e2es, floors, strict=True)]
+        floor, e2e = float(np.median(floors)), float(np.median(e2es))
         print(f"{label}: naive ...", file=sys.stderr, flush=True)
         naive = naive_rate(encoder, files[: args.naive_n or args.n], args.batch_size)
+        print(f"{label}: feed (no forward) ...", file=sys.stderr, flush=True)
+        feed, _ = end_to_end_rate(FeedOnly(encoder), root, args.batch_size, args.workers, args.chunk_size)
+        stages = stage_costs(encoder, files[:200])
         rows.append(
             {
                 "encoder": encoder.name,
@@ -202,7 +268,12 @@ def main() -> int:
                 "floor_per_s": floor,
                 "end_to_end_per_s": e2e,
                 "naive_per_s": naive,
-                "end_to_end_over_floor": e2e / floor,
+                "feed_per_s": feed,
+                **stages,
+                "floor_per_s_rounds": floors,
+                "end_to_end_per_s_rounds": e2es,
+                "end_to_end_over_floor": float(np.median(ratios)),
+                "end_to_end_over_floor_range": [min(ratios), max(ratios)],
                 "end_to_end_over_naive": e2e / naive,
             }
         )
@@ -222,14 +293,20 @@ def main() -> int:
         f"Embedding throughput, images/s ({args.image_size}px JPEGs; torch {env['torch']}, "
         f"{env['gpu'] or str(env['threads']) + ' CPU threads'})",
         "",
-        "| encoder | precision | device | batch | floor (forward only) | end-to-end | naive loop | e2e / floor | e2e / naive |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| encoder | precision | device | batch | floor (forward only) | end-to-end | naive loop | feed (no forward) | e2e / floor (range) | e2e / naive |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
             f"| {r['encoder']} | {r['precision']} | {r['device']} | {r['batch_size']} | {r['floor_per_s']:.1f} | "
-            f"{r['end_to_end_per_s']:.1f} | {r['naive_per_s']:.1f} | {r['end_to_end_over_floor']:.0%} | "
+            f"{r['end_to_end_per_s']:.1f} | {r['naive_per_s']:.1f} | {r['feed_per_s']:.1f} | {r['end_to_end_over_floor']:.0%} "
+            f"({r['end_to_end_over_floor_range'][0]:.0%}-{r['end_to_end_over_floor_range'][1]:.0%}) | "
             f"{r['end_to_end_over_naive']:.2f}x |"
+        )
+    table += ["", "Host stages per image, one thread (ms): decode / preprocess / header check only", ""]
+    for r in rows:
+        table.append(
+            f"- {r['encoder']}: {r['decode_ms']:.2f} / {r['preprocess_ms']:.2f} / {r['header_ms']:.3f}"
         )
     text = "\n".join(table)
     if args.out:

@@ -2,7 +2,8 @@
 
 1. GPU JPEG decode (nvJPEG) + GPU resize agree with the CPU PIL path (feature cosine).
 2. Throughput per encoder: forward-only floor on preloaded GPU tensors, end-to-end with GPU
-   decode, end-to-end with CPU decode workers, and the naive one-thread loop.
+   decode, end-to-end with CPU decode workers, the naive one-thread loop, and the feed ceiling
+   (end-to-end with the forward pass replaced by a no-op) for both decode routes.
 Writes gpu-check.md and gpu-check.json into --out and prints the table last.
 """
 
@@ -21,7 +22,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
-from bench_embed import end_to_end_rate, floor_rate, naive_rate, write_images  # noqa: E402
+from bench_embed import (  # noqa: E402
+    FeedOnly,
+    end_to_end_rate,
+    floor_rate,
+    naive_rate,
+    stage_costs,
+    write_images,
+)
 
 from service.encoders import load_encoder  # noqa: E402
 from service.pipeline.decode import decode_image  # noqa: E402
@@ -92,12 +100,16 @@ def main() -> int:
                 print(f"{label}: floor {floor:.0f}/s", flush=True)
                 e2e_gpu, n = end_to_end_rate(encoder, root, args.batch_size, args.workers, 4096)
                 print(f"{label}: end-to-end (GPU decode if CUDA) {e2e_gpu:.0f}/s", flush=True)
+                feed_gpu, _ = end_to_end_rate(FeedOnly(encoder), root, args.batch_size, args.workers, 4096)
+                print(f"{label}: feed, no forward (GPU decode if CUDA) {feed_gpu:.0f}/s", flush=True)
                 os.environ["DIFFICULTY_GPU_JPEG"] = "0"
                 try:
                     e2e_cpu, _ = end_to_end_rate(encoder, root, args.batch_size, args.workers, 4096)
+                    feed_cpu, _ = end_to_end_rate(FeedOnly(encoder), root, args.batch_size, args.workers, 4096)
                 finally:
                     os.environ.pop("DIFFICULTY_GPU_JPEG", None)
                 print(f"{label}: end-to-end (CPU decode workers) {e2e_cpu:.0f}/s", flush=True)
+                print(f"{label}: feed, no forward (CPU decode workers) {feed_cpu:.0f}/s", flush=True)
                 naive = naive_rate(encoder, files[: args.naive_n], min(args.batch_size, 256))
                 print(f"{label}: naive {naive:.0f}/s", flush=True)
                 results["rows"].append(
@@ -110,6 +122,9 @@ def main() -> int:
                         "end_to_end_gpu_decode_per_s": e2e_gpu,
                         "end_to_end_cpu_decode_per_s": e2e_cpu,
                         "naive_per_s": naive,
+                        "feed_gpu_decode_per_s": feed_gpu,
+                        "feed_cpu_decode_per_s": feed_cpu,
+                        **stage_costs(encoder, files[:200]),
                     }
                 )
                 del encoder
@@ -122,15 +137,19 @@ def main() -> int:
         f"Embedding throughput on {env['gpu'] or 'CPU'} (images/s; {args.image_size}px JPEGs, batch "
         f"{args.batch_size}, {args.n} images end-to-end, torch {env['torch']})",
         "",
-        "| encoder | precision | floor (forward only) | end-to-end, GPU decode | end-to-end, CPU decode | naive loop | best e2e / floor |",
-        "|---|---|---|---|---|---|---|",
+        "| encoder | precision | floor (forward only) | end-to-end, GPU decode | end-to-end, CPU decode | naive loop | feed, GPU decode | feed, CPU decode | best e2e / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         best = max(r["end_to_end_gpu_decode_per_s"], r["end_to_end_cpu_decode_per_s"])
         lines.append(
             f"| {r['encoder']} | {r['precision']} | {r['floor_per_s']:.0f} | {r['end_to_end_gpu_decode_per_s']:.0f} | "
-            f"{r['end_to_end_cpu_decode_per_s']:.0f} | {r['naive_per_s']:.0f} | {best / r['floor_per_s']:.0%} |"
+            f"{r['end_to_end_cpu_decode_per_s']:.0f} | {r['naive_per_s']:.0f} | {r['feed_gpu_decode_per_s']:.0f} | "
+            f"{r['feed_cpu_decode_per_s']:.0f} | {best / r['floor_per_s']:.0%} |"
         )
+    lines += ["", "Host stages per image, one CPU thread (ms): decode / preprocess / header check only"]
+    for r in results["rows"]:
+        lines.append(f"- {r['encoder']}: {r['decode_ms']:.2f} / {r['preprocess_ms']:.2f} / {r['header_ms']:.3f}")
     if results["decode_agreement"]:
         d = results["decode_agreement"]
         lines.append("")
