@@ -10,6 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ENCODER = "open_clip:ViT-B-16:openai"
 ANONYMOUS_TENANT = "default"
@@ -44,24 +45,23 @@ def parse_api_keys(raw: str | None) -> dict[str, str]:
     return keys
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: float, kind: type[int] | type[float]) -> Any:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise SettingsError(f"{name} must be {what}, got {raw!r}") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int)
 
 
 def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    return _env_number(name, default, float)
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ def default_database_url(data_dir: Path) -> str:
 def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
     """Settings from the environment; ``data_dir`` (a CLI flag) wins over DIFFICULTY_DATA_DIR."""
     root = Path(data_dir or os.environ.get("DIFFICULTY_DATA_DIR") or "./data").resolve()
+    lease_seconds = _env_float("DIFFICULTY_LEASE_SECONDS", Settings.lease_seconds)
     return Settings(
         data_dir=root,
         database_url=os.environ.get("DIFFICULTY_DATABASE_URL") or default_database_url(root),
@@ -123,10 +124,9 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         max_upload_bytes=_env_int("DIFFICULTY_MAX_UPLOAD_BYTES", Settings.max_upload_bytes),
         max_archive_members=_env_int("DIFFICULTY_MAX_ARCHIVE_MEMBERS", Settings.max_archive_members),
         max_archive_bytes=_env_int("DIFFICULTY_MAX_ARCHIVE_BYTES", Settings.max_archive_bytes),
-        lease_seconds=_env_float("DIFFICULTY_LEASE_SECONDS", Settings.lease_seconds),
+        lease_seconds=lease_seconds,
         heartbeat_seconds=_env_float(
-            "DIFFICULTY_HEARTBEAT_SECONDS",
-            min(Settings.heartbeat_seconds, _env_float("DIFFICULTY_LEASE_SECONDS", 60.0) / 3),
+            "DIFFICULTY_HEARTBEAT_SECONDS", min(Settings.heartbeat_seconds, lease_seconds / 3)
         ),
         poll_seconds=_env_float("DIFFICULTY_POLL_SECONDS", Settings.poll_seconds),
         chunk_rows=max(1, _env_int("DIFFICULTY_CHUNK_ROWS", Settings.chunk_rows)),

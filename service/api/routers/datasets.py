@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api import operations as ops
 from service.api import schemas
 from service.api.auth import tenant_of
-from service.api.multipart import receive_form
+from service.api.multipart import Form, receive_form
 from service.storage import scores as score_files
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -21,6 +21,20 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 def _ctx(request: Request) -> ops.AppContext:
     return request.app.state.ctx
+
+
+async def _receive(
+    request: Request, file_fields: set[str], text_fields: frozenset[str] | set[str] = frozenset()
+) -> Form:
+    """The multipart body, spooled to the data dir's tmp, within the upload limit."""
+    ctx = _ctx(request)
+    return await receive_form(
+        request,
+        ops.spool_dir(ctx),
+        max_bytes=ctx.settings.max_upload_bytes,
+        file_fields=file_fields,
+        text_fields=text_fields,
+    )
 
 
 def _multipart(fields: dict[str, str], required: list[str]) -> dict:
@@ -80,9 +94,7 @@ def delete_dataset(dataset_id: str, request: Request, tenant: Tenant) -> Respons
 async def upload_items(dataset_id: str, request: Request, tenant: Tenant) -> schemas.UploadOut:
     ctx = _ctx(request)
     await run_in_threadpool(ops.get_dataset, ctx, tenant, dataset_id)  # 404 before reading the body
-    form = await receive_form(
-        request, ops.spool_dir(ctx), max_bytes=ctx.settings.max_upload_bytes, file_fields={"file"}
-    )
+    form = await _receive(request, {"file"})
     return await run_in_threadpool(ops.accept_archive, ctx, tenant, dataset_id, form)
 
 
@@ -105,13 +117,7 @@ async def upload_items(dataset_id: str, request: Request, tenant: Tenant) -> sch
 async def upload_embeddings(dataset_id: str, request: Request, tenant: Tenant) -> schemas.UploadOut:
     ctx = _ctx(request)
     await run_in_threadpool(ops.get_dataset, ctx, tenant, dataset_id)
-    form = await receive_form(
-        request,
-        ops.spool_dir(ctx),
-        max_bytes=ctx.settings.max_upload_bytes,
-        file_fields={"embeddings", "labels", "ids"},
-        text_fields={"encoder"},
-    )
+    form = await _receive(request, {"embeddings", "labels", "ids"}, {"encoder"})
     return await run_in_threadpool(ops.accept_embeddings, ctx, tenant, dataset_id, form)
 
 
@@ -228,10 +234,5 @@ def get_neighbors(
 async def score_items(dataset_id: str, request: Request, tenant: Tenant) -> schemas.NewScores:
     ctx = _ctx(request)
     await run_in_threadpool(ops.current_fit, ctx, tenant, dataset_id)
-    form = await receive_form(
-        request,
-        ops.spool_dir(ctx),
-        max_bytes=ctx.settings.max_upload_bytes,
-        file_fields={"embeddings", "labels", "ids", "file"},
-    )
+    form = await _receive(request, {"embeddings", "labels", "ids", "file"})
     return await run_in_threadpool(ops.score_new, ctx, tenant, dataset_id, form)
