@@ -1,34 +1,34 @@
-"""A few real Fashion-MNIST images (Debian package dataset-fashion-mnist) as PNG files."""
+"""Real Fashion-MNIST images (Debian package dataset-fashion-mnist) as PNG files in ImageFolder
+layout. The IDX files are read by ``trainer.fmnist`` (the repo's one reader), which raises
+FileNotFoundError, with the install hint, when the package is missing. Also used by
+benchmarks/bench_ray.py, so nothing here depends on pytest."""
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+from trainer.fmnist import load_fashion_mnist
+
+# Folder names: the class names without spaces or slashes.
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
 
-def load_fmnist(split: str = "train", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if split == "train" else "t10k"
-    with gzip.open(FMNIST_DIR / f"{prefix}-images-idx3-ubyte.gz") as fh:
-        images = np.frombuffer(fh.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FMNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz") as fh:
-        labels = np.frombuffer(fh.read(), dtype=np.uint8, offset=8)
-    return images[:limit], labels[:limit]
-
-
-def write_fmnist_folder(root: Path, n: int, classes: int = 3) -> list[str]:
-    """``root/<class>/<index>.png`` for the first ``n`` images of the first ``classes`` classes."""
-    images, labels = load_fmnist("train", limit=20 * n)
-    keep = np.flatnonzero(labels < classes)[:n]
+def write_png_folder(root: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> list[str]:
+    """``root/<class>/<index>.png`` for each index; returns the sample IDs in the given order."""
     ids = []
-    for i in keep:
+    for i in indices:
         sample_id = f"{CLASSES[labels[i]]}/{i:05d}.png"
         (root / CLASSES[labels[i]]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(root / sample_id)
         ids.append(sample_id)
-    return sorted(ids)
+    return ids
+
+
+def write_fmnist_folder(root: Path, n: int, classes: int = 3) -> list[str]:
+    """The first ``n`` training images of the first ``classes`` classes; sorted sample IDs."""
+    images, labels = load_fashion_mnist("train")
+    keep = np.flatnonzero(labels < classes)[:n]
+    return sorted(write_png_folder(root, images, labels, keep))

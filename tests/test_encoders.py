@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +84,8 @@ def test_open_clip_random_weights_are_reproducible(tmp_path: Path) -> None:
 
 def test_pretrained_tag_offline_fails_fast_with_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    started = time.monotonic()
     with pytest.raises(EncoderError) as info:
         load_encoder("open_clip:ViT-B-16:openai", device="cpu")
-    assert time.monotonic() - started < 30
     message = str(info.value)
     assert "open_clip:ViT-B-16:/path/to/open_clip_pytorch_model.bin" in message
     assert "timm/vit_base_patch16_clip_224.openai" in message

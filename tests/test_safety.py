@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import stat
 import tarfile
@@ -13,27 +14,21 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from apiserver import database_for, running_server, wait_for_job
+from imagedata import COLOURS, jpeg_bytes, png_bytes
 from PIL import Image
 
 from service.ingest.safety import ArchiveError, inspect_archive
-
-COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 210)}
-
-
-def image_bytes(rgb, fmt: str, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def image_members(per_class: int = 4) -> dict[str, bytes]:
     out = {}
     for c, (name, rgb) in enumerate(sorted(COLOURS.items())):
         for i in range(per_class):
-            fmt = "PNG" if i % 2 else "JPEG"
-            out[f"{name}/{i:03d}.{fmt.lower()}"] = image_bytes(rgb, fmt, seed=10 * c + i)
+            jpeg = jpeg_bytes(rgb, 40, seed=10 * c + i)
+            if i % 2:
+                out[f"{name}/{i:03d}.png"] = png_bytes(Image.open(io.BytesIO(jpeg)))
+            else:
+                out[f"{name}/{i:03d}.jpeg"] = jpeg
     return out
 
 
@@ -90,7 +85,7 @@ HOSTILE = {
     "tar.gz bomb": make_tar(GOOD | {"cat/bomb.jpg": bytes(20_000_000)}),
     "too many members": make_zip({f"cat/{i:04d}.jpg": b"x" for i in range(60)}),
     "not an archive": b"this is not an archive at all" * 10,
-    "an image, not an archive": image_bytes((1, 2, 3), "PNG", 0),
+    "an image, not an archive": png_bytes(Image.new("RGB", (40, 40), (1, 2, 3))),
     "empty zip": make_zip({}),
     "empty tar": make_tar({}, mode="w"),
     "only top-level files": make_zip({"001.jpg": b"x"}),
@@ -118,17 +113,30 @@ def test_valid_archives_list_their_members(maker, tmp_path):
     assert {m.label for m in found} == set(COLOURS)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def server(request, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp(f"safety-{request.param}") / "data"
+@contextlib.contextmanager
+def _serve(kind: str, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp(f"safety-{kind}") / "data"
     env = {
         "DIFFICULTY_MAX_UPLOAD_BYTES": "3000000",
         "DIFFICULTY_MAX_ARCHIVE_BYTES": str(LIMITS["max_total_bytes"]),
         "DIFFICULTY_MAX_ARCHIVE_MEMBERS": str(LIMITS["max_members"]),
         "DIFFICULTY_IMAGE_CHUNK_ROWS": "8",
     }
-    with database_for(request.param) as db_url, running_server(data_dir, database_url=db_url, env=env) as url:
-        yield url, data_dir, request.param
+    with database_for(kind) as db_url, running_server(data_dir, database_url=db_url, env=env) as url:
+        yield url, data_dir, kind
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
+    with _serve(request.param, tmp_path_factory) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def sqlite_server(tmp_path_factory):
+    """For the image path, which does not depend on the database: one backend saves CPU."""
+    with _serve("sqlite", tmp_path_factory) as running:
+        yield running
 
 
 def test_hostile_uploads_get_4xx_and_write_nothing(server):
@@ -151,11 +159,8 @@ def test_hostile_uploads_get_4xx_and_write_nothing(server):
 
 
 @pytest.mark.slow
-def test_archive_of_real_images_fits_with_efficientnet(server):
-    pytest.importorskip("service.pipeline.embedding")
-    url, _, backend = server
-    if backend != "sqlite":
-        pytest.skip("the image path does not depend on the database; run once (SQLite) to save CPU")
+def test_archive_of_real_images_fits_with_efficientnet(sqlite_server):
+    url, _, _ = sqlite_server
     members = image_members(4)
     members["red/corrupt.jpg"] = b"\xff\xd8\xff\xe0 not really a jpeg"
     with httpx.Client(base_url=url, timeout=120) as c:
@@ -189,7 +194,6 @@ def test_archive_of_real_images_fits_with_efficientnet(server):
 
 
 def test_image_fit_without_weights_fails_with_a_clear_message(server):
-    pytest.importorskip("service.pipeline.embedding")
     url, _, _ = server
     with httpx.Client(base_url=url, timeout=120) as c:
         dataset_id = c.post("/v1/datasets", json={"name": "clip"}).json()["id"]  # default: CLIP ViT-B-16
