@@ -223,3 +223,27 @@ def test_helpers_and_refusals(tmp_path: Path) -> None:
     with zipfile.ZipFile(raw, "w") as zf:
         zf.writestr("cat/1.jpg", jpeg_bytes((5, 5, 5)))
     assert isinstance(open_source(raw), ZipSource)
+
+
+def test_webdataset_bad_member_fails_its_key_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.ingest.archive as archive_module
+
+    monkeypatch.setattr(archive_module, "MAX_ITEM_BYTES", 1000)
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as archive:
+        _tar_add(archive, "000.cls", b"3")
+        _tar_add(archive, "000.jpg", b"x" * 5000)  # over the (lowered) member limit
+        _tar_add(archive, "001.cls", b"4")
+        _tar_add(archive, "001.jpg", jpeg_bytes((1, 2, 3), 24))
+    samples = list(open_source(shard))
+    assert [(s.sample_id, s.label) for s in samples] == [("000", "3"), ("001", "4")]
+    assert samples[0].error == "000.jpg: member too large (5000 bytes)"
+    assert samples[1].error is None and samples[1].data == jpeg_bytes((1, 2, 3), 24)
+
+
+def test_a_real_path_with_pattern_characters_is_not_a_shard_pattern(tmp_path: Path) -> None:
+    root = tmp_path / "imgs[v2]{a}"
+    ids = write_image_folder(root, per_class=1)
+    source = open_source(root)
+    assert isinstance(source, FolderSource)
+    assert sorted(s.sample_id for s in source) == ids

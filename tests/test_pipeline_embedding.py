@@ -266,3 +266,20 @@ def test_gpu_jpeg_route_keeps_order_and_bad_items(encoder, monkeypatch: pytest.M
     a, b = routed.features, plain.features
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.99
+
+
+def test_gpu_jpeg_route_leaves_exif_rotated_jpegs_to_the_cpu(encoder) -> None:
+    # nvJPEG does not apply EXIF orientation; the CPU path does. A rotated photo must take it.
+    from service.pipeline.embedding import _prepare
+
+    image = Image.new("RGB", (64, 32), (200, 20, 20))
+    upright, rotated = io.BytesIO(), io.BytesIO()
+    image.save(upright, format="JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(rotated, format="JPEG", exif=exif)
+    assert _prepare(Sample("u", "a", data=upright.getvalue()), encoder, gpu_jpeg=True)[0] == "gpu-jpeg"
+    route, tensor = _prepare(Sample("r", "a", data=rotated.getvalue()), encoder, gpu_jpeg=True)
+    assert route == "ok"
+    assert decode_image(rotated.getvalue()).size == (32, 64)  # the CPU path turned it upright
+    assert isinstance(tensor, torch.Tensor)

@@ -17,11 +17,12 @@ _PEEK_MEMBERS = 32
 
 
 def open_source(location: str | Path) -> SampleSource:
-    text = str(location)
-    if any(c in text for c in "*?[{"):
-        return WebDatasetSource(expand_shard_pattern(text))
     path = Path(location)
     if not path.exists():
+        # Only a location that is not a real path is read as a shard pattern: "imgs[v2]" may
+        # simply be a folder's name.
+        if any(c in str(location) for c in "*?[{"):
+            return WebDatasetSource(expand_shard_pattern(str(location)))
         raise ReaderError(f"{path} does not exist")
     if path.is_dir():
         shards = _shard_files(path)

@@ -38,24 +38,31 @@ class WebDatasetSource(SampleSource):
 def _shard_samples(shard: Path) -> Iterator[Sample]:
     key: str | None = None
     parts: dict[str, bytes] = {}
+    errors: list[str] = []
     for name, raw, data, error in iter_tar_members(shard):
-        if name is None or error is not None:
-            yield Sample(name or raw, None, error=error)
+        if name is None:  # an unsafe or unreadable name: no key to group it under
+            yield Sample(raw, None, error=error)
             continue
         k, ext = split_key(name)
         if k != key:
             if key is not None:
-                yield _make_sample(key, parts)
-            key, parts = k, {}
-        parts[ext] = data or b""
+                yield _make_sample(key, parts, errors)
+            key, parts, errors = k, {}, []
+        if error is not None:
+            errors.append(f"{name}: {error}")
+        else:
+            parts[ext] = data or b""
     if key is not None:
-        yield _make_sample(key, parts)
+        yield _make_sample(key, parts, errors)
 
 
-def _make_sample(key: str, parts: dict[str, bytes]) -> Sample:
+def _make_sample(key: str, parts: dict[str, bytes], errors: list[str]) -> Sample:
+    """One sample per key; a bad member fails its key once, under the key, label kept."""
     label = None
     if "cls" in parts:
         label = parts["cls"].decode("utf-8", errors="replace").strip() or None
+    if errors:
+        return Sample(key, label, error="; ".join(errors))
     image_ext = next((e for e in parts if e in IMAGE_EXTENSIONS), None)
     if image_ext is None:
         return Sample(key, label, error=f"no image member (found {sorted(parts) or 'nothing'})")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ExifTags
 
 from service.encoders.base import Encoder, EncoderError
 from service.ingest.sample import Sample
@@ -77,7 +78,9 @@ def _prepare(sample: Sample, encoder: Encoder, gpu_jpeg: bool) -> tuple[str, obj
         data = read_sample_bytes(sample)
         if gpu_jpeg:
             image = open_image(data)  # header checks only; the GPU decodes the pixels
-            if image.format == "JPEG" and image.mode in ("RGB", "L"):
+            # nvJPEG ignores EXIF orientation: rotated photos take the CPU path, which applies it.
+            upright = image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+            if image.format == "JPEG" and image.mode in ("RGB", "L") and upright:
                 return _GPU_JPEG, data
         image = decode_image(data, draft_size=encoder.decode_size)
         return "ok", encoder.preprocess(image)

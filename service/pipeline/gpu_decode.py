@@ -7,26 +7,37 @@ the GPU cannot decode falls back to the CPU path item by item, so results never 
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
+@functools.cache
+def _decode_jpeg() -> Callable[..., Any] | None:
+    """torchvision's batched (nvJPEG on CUDA) decoder to RGB, imported once: importing it under
+    warnings.catch_warnings() on every batch would swap process-wide warning state while decode
+    threads run."""
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
+
+
 def gpu_decode_supported(device: torch.device, preprocessing: dict[str, Any]) -> bool:
     # DIFFICULTY_GPU_JPEG=0 forces CPU decode (benchmarks compare the two paths).
     if device.type != "cuda" or os.environ.get("DIFFICULTY_GPU_JPEG", "1") == "0":
         return False
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates io in favour of torchcodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import decode_jpeg  # noqa: F401
-    except ImportError:
-        return False
     return (
-        preprocessing.get("resize_mode", "shortest") == "shortest"
+        _decode_jpeg() is not None
+        and preprocessing.get("resize_mode", "shortest") == "shortest"
         and bool(preprocessing.get("mean"))
         and bool(preprocessing.get("std"))
         and preprocessing.get("interpolation") in ("bicubic", "bilinear")
@@ -40,12 +51,11 @@ def decode_batch_on_gpu(
 
     Same steps as the CPU transform: resize the shorter side (antialiased), centre crop,
     scale to [0, 1], normalise. Images of the same size are resized together."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+    decode_jpeg = _decode_jpeg()
+    if decode_jpeg is None:
+        raise RuntimeError("torchvision.io.decode_jpeg is not available")
     encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
-    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    images = decode_jpeg(encoded, device=device)
     crop_h, crop_w = preprocessing["crop"]
     resize = int(preprocessing["resize"])
     mode = preprocessing["interpolation"]
