@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 import threading
 import time
@@ -11,14 +10,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.errors import install_handlers
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.operations import AppContext
 from service.api.routers import datasets, health, jobs
 from service.settings import Settings
 from service.storage.database import make_engine, make_sessionmaker, migrate
 
-log = logging.getLogger("service.api")
 STALE_SPOOL_SECONDS = 24 * 3600
 
 
@@ -59,8 +56,6 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.metrics = metrics
-    app.state.settings = settings
-    install_handlers(app)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(health.router)

@@ -24,7 +24,6 @@ MAX_TEXT_FIELD_BYTES = 64 * 1024
 class Form:
     directory: Path
     files: dict[str, Path] = field(default_factory=dict)
-    filenames: dict[str, str] = field(default_factory=dict)
     fields: dict[str, str] = field(default_factory=dict)
 
     def discard(self) -> None:
@@ -43,7 +42,7 @@ async def receive_form(
         raise ApiError(413, f"upload of {declared} bytes exceeds the limit of {max_bytes} bytes (DIFFICULTY_MAX_UPLOAD_BYTES)")
     dest.mkdir(parents=True, exist_ok=False)
     form = Form(dest)
-    state: dict[str, object] = {"name": None, "filename": None, "fh": None, "text": None, "header": b"", "value": b""}
+    state: dict[str, object] = {"name": None, "fh": None, "text": None, "header": b"", "value": b""}
     headers: dict[bytes, bytes] = {}
 
     def on_part_begin() -> None:
@@ -62,7 +61,6 @@ async def receive_form(
     def on_headers_finished() -> None:
         _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
-        filename = disposition.get(b"filename")
         state["name"], state["fh"], state["text"] = name, None, None
         if name in file_fields:
             if name in form.files:
@@ -70,7 +68,6 @@ async def receive_form(
             path = dest / name
             state["fh"] = open(path, "wb")  # noqa: SIM115 - closed in on_part_end / cleanup
             form.files[name] = path
-            form.filenames[name] = filename.decode("utf-8", "replace") if filename else ""
         elif name in text_fields:
             state["text"] = bytearray()
 

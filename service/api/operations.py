@@ -19,8 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api import schemas
 from service.api.errors import ApiError, not_found
 from service.api.multipart import Form
-from service.ingest.features import InputError, check_lengths, load_ids, load_labels
-from service.ingest.features import load_embeddings as _load_npy
+from service.ingest.features import (
+    InputError,
+    check_lengths,
+    load_embeddings,
+    load_ids,
+    load_labels,
+)
 from service.ingest.safety import ArchiveError, inspect_archive
 from service.jobs import queue
 from service.jobs.fit import check_encoder_name, is_image_encoder
@@ -29,6 +34,7 @@ from service.settings import Settings
 from service.statistics import GaussianModel
 from service.storage import layout
 from service.storage.database import Dataset, Fit, Job, Upload, new_id, utcnow
+from service.storage.embeddings import read_failures
 from service.storage.files import atomic_write, load_npz
 from service.storage.scores import Cursor, CursorError, page
 
@@ -69,18 +75,6 @@ class AppContext:
             while len(self._models) > 8:
                 self._models.popitem(last=False)
         return model
-
-
-NPY_MAGIC = b"\x93NUMPY"
-
-
-def load_embeddings(path: Path) -> np.ndarray:
-    """features.load_embeddings, refusing non-.npy files first (np.load would open a zip as an
-    .npz archive and hand back an object without a shape)."""
-    with open(path, "rb") as fh:
-        if fh.read(len(NPY_MAGIC)) != NPY_MAGIC:
-            raise InputError("embeddings must be a .npy file (numpy.save of an N x D float array)")
-    return _load_npy(path)
 
 
 # --- datasets -------------------------------------------------------------------------------
@@ -167,8 +161,8 @@ def get_dataset(ctx: AppContext, tenant: str, dataset_id: str) -> schemas.Datase
 def delete_dataset(ctx: AppContext, tenant: str, dataset_id: str) -> None:
     with ctx.db() as session:
         dataset = _owned(session, tenant, dataset_id)
-        for job in session.scalars(select(Job).where(Job.dataset_id == dataset.id, Job.state.in_(queue.ACTIVE))):
-            queue.request_cancel(session, job)
+        for job_id in session.scalars(select(Job.id).where(Job.dataset_id == dataset.id, Job.state.in_(queue.ACTIVE))):
+            queue.request_cancel(session, job_id)
         session.execute(delete(Fit).where(Fit.dataset_id == dataset.id))
         session.execute(delete(Upload).where(Upload.dataset_id == dataset.id))
         session.delete(dataset)
@@ -385,9 +379,10 @@ def get_job(ctx: AppContext, tenant: str, job_id: str) -> schemas.JobOut:
 def cancel_job(ctx: AppContext, tenant: str, job_id: str) -> schemas.JobOut:
     with ctx.db() as session:
         job = _owned_job(session, tenant, job_id)
-        if job.state in queue.FINAL:
+        if not queue.request_cancel(session, job.id):
+            session.rollback()
+            session.refresh(job)
             raise ApiError(409, f"the job already {job.state}")
-        queue.request_cancel(session, job)
         session.commit()
         session.refresh(job)
         return _job_out(job)
@@ -456,22 +451,9 @@ def neighbors(ctx: AppContext, tenant: str, dataset_id: str, sample_id: str, k: 
 def failures(ctx: AppContext, tenant: str, dataset_id: str, limit: int) -> schemas.Failures:
     with ctx.db() as session:
         _owned(session, tenant, dataset_id)
-    store = layout.store_dir(ctx.settings.data_dir, dataset_id)
-    rows: list[Any] = []
-    if store.is_dir():
-        try:
-            from service.pipeline.embedding import read_failures
-        except ImportError:
-            read_failures = None  # type: ignore[assignment]
-        if read_failures is not None:
-            rows = list(read_failures(store))
-    items = []
-    for row in rows:
-        if isinstance(row, dict):
-            items.append(schemas.Failure(sample_id=str(row.get("sample_id")), reason=str(row.get("reason"))))
-        else:
-            items.append(schemas.Failure(sample_id=str(row[0]), reason=str(row[1])))
-    return schemas.Failures(count=len(items), items=items[:limit])
+    rows = read_failures(layout.store_dir(ctx.settings.data_dir, dataset_id))
+    items = [schemas.Failure(sample_id=sample_id, reason=reason) for sample_id, reason in rows[:limit]]
+    return schemas.Failures(count=len(rows), items=items)
 
 
 def score_new(ctx: AppContext, tenant: str, dataset_id: str, form: Form) -> schemas.NewScores:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.storage.database import Job, utcnow
@@ -35,7 +36,10 @@ def active_job(session: Session, dataset_id: str) -> Job | None:
 
 
 def enqueue(session: Session, *, dataset_id: str, tenant: str, kind: str, options: dict[str, Any]) -> Job:
-    """Queue a job; one active job per dataset (a second one would race on its files)."""
+    """Queue a job; one active job per dataset (a second one would race on its files).
+
+    The check is for a clear message; the partial unique index on jobs(dataset_id) decides
+    between concurrent requests. On a conflict the session's transaction is rolled back."""
     existing = active_job(session, dataset_id)
     if existing is not None:
         raise JobConflict(existing.id)
@@ -50,7 +54,12 @@ def enqueue(session: Session, *, dataset_id: str, tenant: str, kind: str, option
         cancel_requested=False,
     )
     session.add(job)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        winner = active_job(session, dataset_id)
+        raise JobConflict(winner.id if winner is not None else "unknown") from None
     return job
 
 
@@ -144,17 +153,21 @@ def finish(
     return count == 1
 
 
-def request_cancel(session: Session, job: Job) -> None:
-    """Queued jobs are cancelled at once; running ones stop at their next chunk boundary."""
-    if job.state == "queued":
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.state == "queued")
-            .values(state="cancelled", finished_at=utcnow(), cancel_requested=True)
-        )
-    elif job.state == "running":
-        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+def request_cancel(session: Session, job_id: str) -> bool:
+    """Queued jobs are cancelled at once; running ones stop at their next chunk boundary.
+
+    Compare-and-set on the state, so a job claimed or finished meanwhile is handled by what it
+    is now. False when the job was no longer active."""
+    flagged = session.execute(
+        update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE)).values(cancel_requested=True)
+    ).rowcount
+    # Still queued: no worker will see the flag, so cancel it here. A worker that claimed it
+    # meanwhile sees cancel_requested right after its claim.
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.state == "queued").values(state="cancelled", finished_at=utcnow())
+    )
     session.flush()
+    return flagged == 1
 
 
 def counts_by_state(session: Session) -> dict[str, int]:

@@ -29,7 +29,6 @@ from service.storage.database import Job, make_engine, make_sessionmaker, migrat
 log = logging.getLogger("service.worker")
 
 # Counts for /metrics in the embedded server (separate workers report through the database).
-EMBEDDED_TOTAL = {"items": 0}
 
 
 class Worker:
@@ -72,9 +71,8 @@ class Worker:
             )
             return
         ctx = JobContext(job.id, self.owner, chunk_delay_seconds=self.settings.chunk_delay_seconds)
-        beat = threading.Thread(target=self._heartbeat, args=(ctx,), daemon=True)
         finished = threading.Event()
-        ctx.finished = finished  # type: ignore[attr-defined]
+        beat = threading.Thread(target=self._heartbeat, args=(ctx, finished), daemon=True)
         beat.start()
         try:
             if job.kind != "fit":
@@ -83,10 +81,10 @@ class Worker:
         except JobStopped:
             if ctx.cancel_requested and not ctx.lease_lost:
                 queue.finish(self.db, job.id, self.owner, "cancelled", error="cancelled by request",
-                             progress=_progress(ctx))
+                             progress=ctx.snapshot())
             log.info("job %s stopped (%s)", job.id, "cancelled" if ctx.cancel_requested else "lease lost")
         except JobFailed as exc:
-            queue.finish(self.db, job.id, self.owner, "failed", error=str(exc), progress=_progress(ctx))
+            queue.finish(self.db, job.id, self.owner, "failed", error=str(exc), progress=ctx.snapshot())
         except Exception as exc:  # keep the worker alive; tell the user what happened and where
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
             queue.finish(
@@ -113,12 +111,12 @@ class Worker:
         if not exists:
             shutil.rmtree(layout.dataset_dir(self.settings.data_dir, dataset_id), ignore_errors=True)
 
-    def _heartbeat(self, ctx: JobContext) -> None:
+    def _heartbeat(self, ctx: JobContext, finished: threading.Event) -> None:
         # Publishes progress about once a second and renews the lease; a lost lease or a cancel
         # request is seen by the job at its next chunk boundary.
         interval = min(1.0, self.settings.heartbeat_seconds)
         last_renew = 0.0
-        while not ctx.finished.wait(interval):  # type: ignore[attr-defined]
+        while not finished.wait(interval):
             now = time.monotonic()
             if not ctx.changed.is_set() and now - last_renew < self.settings.heartbeat_seconds:
                 continue
@@ -139,10 +137,6 @@ class Worker:
                 continue
             ctx.lease_lost = ctx.lease_lost or not owned
             ctx.cancel_requested = ctx.cancel_requested or cancel
-
-
-def _progress(ctx: JobContext) -> dict:
-    return ctx.snapshot()
 
 
 def open_database(settings: Settings) -> sessionmaker:

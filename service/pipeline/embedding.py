@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,11 +32,10 @@ from service.pipeline.decode import BadImage, decode_image, open_image, read_sam
 from service.pipeline.fitting import extend_statistics_cache
 from service.pipeline.gpu_decode import decode_batch_on_gpu, gpu_decode_supported
 from service.statistics import SufficientStatistics, normalize_features
-from service.storage.embeddings import EmbeddingStore
+from service.storage.embeddings import EmbeddingStore, failures_path, read_failures
 from service.storage.files import atomic_write_bytes
 
 ENCODER_RECORD = "encoder.json"
-_FAILURES = re.compile(r"^failures-(\d{6})\.json$")
 
 
 @dataclass
@@ -404,24 +402,6 @@ def _accumulate(report: EmbedReport, result: ChunkResult) -> None:
     stats = chunk_statistics(result.features, result.labels, result.sample_ids)
     if stats is not None:
         report.statistics = stats if report.statistics is None else report.statistics.merge(stats)
-
-
-def failures_path(directory: Path, index: int) -> Path:
-    return Path(directory) / f"failures-{index:06d}.json"
-
-
-def read_failures(store_directory: str | Path) -> list[tuple[str, str]]:
-    """Every (sample_id, reason) skipped so far in this store, in chunk order."""
-    directory = Path(store_directory)
-    if not directory.is_dir():
-        return []
-    chunks = set(EmbeddingStore(directory).chunk_indices())
-    out: list[tuple[str, str]] = []
-    for path in sorted(directory.iterdir()):
-        m = _FAILURES.match(path.name)
-        if m and int(m.group(1)) in chunks:
-            out.extend((str(a), str(b)) for a, b in json.loads(path.read_text()))
-    return out
 
 
 def check_encoder_record(store: EmbeddingStore, record: dict) -> None:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -96,6 +97,9 @@ class Fit(Base):
     summary: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
 
 
+ACTIVE_JOB_STATES = "state IN ('queued', 'running')"
+
+
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -119,7 +123,18 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
-    __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_state_created", "state", "created_at"),
+        # One active job per dataset, enforced by the database: two concurrent POST /fit
+        # requests cannot both insert (a second fit would race on the dataset's files).
+        Index(
+            "ux_jobs_one_active_per_dataset",
+            "dataset_id",
+            unique=True,
+            sqlite_where=text(ACTIVE_JOB_STATES),
+            postgresql_where=text(ACTIVE_JOB_STATES),
+        ),
+    )
 
 
 def make_engine(url: str) -> Engine:

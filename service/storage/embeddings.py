@@ -11,6 +11,7 @@ resumes after the last chunk present. Chunk numbers are dense: the store refuses
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -98,3 +99,25 @@ class EmbeddingStore:
         """All features in one (N, D) float32 array (one copy of the matrix)."""
         parts = [c.features for c in self.iter_chunks()]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+# Items a run could not embed, one JSON list per chunk, written before the chunk it belongs to.
+_FAILURES = re.compile(r"^failures-(\d{6})\.json$")
+
+
+def failures_path(directory: Path, index: int) -> Path:
+    return Path(directory) / f"failures-{index:06d}.json"
+
+
+def read_failures(store_directory: str | Path) -> list[tuple[str, str]]:
+    """Every (sample_id, reason) skipped so far in this store, in chunk order."""
+    directory = Path(store_directory)
+    if not directory.is_dir():
+        return []
+    chunks = set(EmbeddingStore(directory).chunk_indices())
+    out: list[tuple[str, str]] = []
+    for path in sorted(directory.iterdir()):
+        m = _FAILURES.match(path.name)
+        if m and int(m.group(1)) in chunks:
+            out.extend((str(a), str(b)) for a, b in json.loads(path.read_text()))
+    return out

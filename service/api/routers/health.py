@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import tempfile
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,10 +30,11 @@ def readyz(request: Request):
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
     try:
-        probe = ctx.settings.tmp_dir / f".ready-{os.getpid()}"
         ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        # A file of its own per check: concurrent probes must not delete each other's.
+        with tempfile.NamedTemporaryFile(dir=ctx.settings.tmp_dir, prefix=".ready-") as probe:
+            probe.write(b"ok")
+            probe.flush()
         checks["data_dir"] = "ok"
     except OSError as exc:
         checks["data_dir"] = f"not writable: {exc.strerror}"
