@@ -45,13 +45,30 @@ def build_index(features: np.ndarray):  # type: ignore[no-untyped-def]
     return index
 
 
-def knn_agreement(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Per sample: the share of its k nearest other samples that carry the same label."""
-    n = features.shape[0]
+def read_unit_features(
+    store: EmbeddingStore, num_chunks: int | None = None, *, labelled_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_ids, labels, L2-normalised float32 features) of the first ``num_chunks`` chunks."""
+    ids, labels, feats = [], [], []
+    for index in store.chunk_indices()[:num_chunks]:
+        chunk = store.read_chunk(index)
+        keep = chunk.labels != "" if labelled_only else slice(None)
+        ids.append(chunk.sample_ids[keep])
+        labels.append(chunk.labels[keep])
+        feats.append(np.asarray(normalize_features(chunk.features[keep]), dtype=np.float32))
+    if not feats:
+        raise ValueError("the dataset has no embedded samples")
+    return np.concatenate(ids), np.concatenate(labels), np.concatenate(feats)
+
+
+def knn_agreement(unit_features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per sample: the share of its k nearest other samples (cosine; rows must be L2-normalised,
+    as :func:`read_unit_features` gives them) that carry the same label."""
+    n = unit_features.shape[0]
     if n < 2:
         return np.full(n, np.nan)
     k = min(k, n - 1)
-    x = np.ascontiguousarray(normalize_features(features), dtype=np.float32)
+    x = np.ascontiguousarray(unit_features, dtype=np.float32)
     index = build_index(x)
     _, label_codes = np.unique(labels, return_inverse=True)
     out = np.empty(n)
@@ -98,21 +115,11 @@ class NeighbourIndex:
 
 def load_neighbour_index(store: EmbeddingStore, num_chunks: int) -> NeighbourIndex:
     """Index over the first ``num_chunks`` chunks of the store (the fit's snapshot)."""
-    ids, labels, feats = [], [], []
-    for index in store.chunk_indices()[:num_chunks]:
-        chunk = store.read_chunk(index)
-        ids.append(chunk.sample_ids)
-        labels.append(chunk.labels)
-        feats.append(np.asarray(normalize_features(chunk.features), dtype=np.float32))
-    if not feats:
-        raise ValueError("the dataset has no embedded samples")
-    sample_ids = np.concatenate(ids)
-    features = np.concatenate(feats)
-    del feats
+    sample_ids, labels, features = read_unit_features(store, num_chunks)
     return NeighbourIndex(
         build_index(features),
         sample_ids,
-        np.concatenate(labels),
+        labels,
         features,
         {str(s): i for i, s in enumerate(sample_ids.tolist())},
     )

@@ -51,6 +51,8 @@ def test_refit_after_append_reads_only_new_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "read_chunk", lambda i: read.append(i) or original(i))
     stats = labelled_statistics(store, normalize=True)
     assert read == [3, 4]  # chunks 0-2 came from the cached statistics
+    # The longer prefix supersedes the shorter one, which is removed (each is F x D x D).
+    assert sorted(p.name for p in store.directory.glob("stats-*")) == ["stats-normalized-upto-000005.npz"]
     full = SufficientStatistics(dim=6).update(normalize_features(x.astype(np.float64)), labels, ids)
     np.testing.assert_allclose(
         fit_gaussians(stats, 0.1).covariance, fit_gaussians(full, 0.1).covariance, rtol=1e-9, atol=1e-13
@@ -63,9 +65,11 @@ def test_unlabelled_rows_are_not_fitted_or_scored(tmp_path):
     labels = [lab if i % 4 else None for i, lab in enumerate(labels)]
     store = EmbeddingStore(tmp_path / "emb")
     store.write_chunk(0, [str(i) for i in range(400)], labels, x)
-    result = fit_store(store, shrinkage=0.1)
+    seen = []
+    result = fit_store(store, shrinkage=0.1, progress=lambda done, total: seen.append((done, total)))
     assert result.scores.num_rows == 300
     assert result.model.count == 300
+    assert seen[-1] == (300, 300)  # progress counts the scored (labelled) rows and ends at the total
 
 
 def test_streamed_statistics_feed_the_fit_without_reading_features(tmp_path, monkeypatch):

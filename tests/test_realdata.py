@@ -13,7 +13,7 @@ from ci import skip_unless_ci
 
 from service.encoders import load_encoder
 from service.pipeline.embedding import embed_source
-from service.pipeline.fitting import fit_store, to_numpy_scores
+from service.pipeline.fitting import fit_store
 from service.storage.embeddings import EmbeddingStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,8 @@ def test_rmd_finds_flipped_labels_on_fashion_mnist(tmp_path: Path) -> None:
     # shrinkage="auto-shared": the cross-validated rho of the tied covariance, used for both.
     # Plain "auto" (SPEC: each covariance its own rho) picks 0.1 and 0.03 on this subset and the
     # AUROC drops to 0.79 (0.95 with one rho for both): docs/evidence.md.
-    scores = to_numpy_scores(fit_store(store, shrinkage="auto-shared").scores)
+    table = fit_store(store, shrinkage="auto-shared").scores
+    scores = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     row = {sample_id: i for i, sample_id in enumerate(ids)}
     order = np.array([row[s] for s in scores["sample_id"]])
     auroc = fmnist.auroc(scores["rmd"], flipped[order])

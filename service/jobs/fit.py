@@ -26,7 +26,7 @@ from service.jobs import queue
 from service.jobs.context import JobContext, JobFailed, JobStopped
 from service.pipeline.fitting import labelled_statistics, score_store
 from service.settings import Settings
-from service.statistics import FitError, fit_gaussians, normalize_features
+from service.statistics import FitError, fit_gaussians
 from service.storage import layout
 from service.storage.database import Dataset, Fit, Job, Upload, new_id, utcnow
 from service.storage.embeddings import EmbeddingStore
@@ -197,14 +197,10 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
 
 
 def _knn_column(store: EmbeddingStore, k: int) -> np.ndarray:
-    from service.knn import knn_agreement
+    from service.knn import knn_agreement, read_unit_features
 
-    feats, labels = [], []
-    for chunk in store.iter_chunks():
-        keep = chunk.labels != ""
-        feats.append(np.asarray(normalize_features(chunk.features[keep]), dtype=np.float32))
-        labels.append(chunk.labels[keep])
-    return knn_agreement(np.concatenate(feats), np.concatenate(labels), k)
+    _, labels, features = read_unit_features(store, labelled_only=True)
+    return knn_agreement(features, labels, k)
 
 
 def _mark_embedded(db: sessionmaker, upload_id: int, embedded: int, failed: int) -> None:

@@ -29,9 +29,9 @@ from PIL import ExifTags
 from service.encoders.base import Encoder, EncoderError
 from service.ingest.sample import Sample
 from service.pipeline.decode import BadImage, decode_image, open_image, read_sample_bytes
-from service.pipeline.fitting import extend_statistics_cache
+from service.pipeline.fitting import add_labelled, extend_statistics_cache
 from service.pipeline.gpu_decode import decode_batch_on_gpu, gpu_decode_supported
-from service.statistics import SufficientStatistics, normalize_features
+from service.statistics import SufficientStatistics
 from service.storage.embeddings import EmbeddingStore, failures_path, read_failures
 from service.storage.files import atomic_write_bytes
 
@@ -250,16 +250,8 @@ def _embed_batch(
 
 
 def chunk_statistics(features: np.ndarray, labels: Sequence[str], ids: Sequence[str]) -> SufficientStatistics | None:
-    keep = [i for i, label in enumerate(labels) if label != ""]
-    if not keep or features.shape[0] == 0:
-        return None
-    stats = SufficientStatistics(dim=features.shape[1])
-    # Normalised in float64, exactly as pipeline.fitting does, so cached and recomputed
-    # statistics agree to the last digits.
-    stats.update(
-        normalize_features(features[keep].astype(np.float64)), [labels[i] for i in keep], [ids[i] for i in keep]
-    )
-    return stats
+    """Statistics of a chunk's L2-normalised labelled features (None when none is labelled)."""
+    return add_labelled(None, features, np.asarray(labels, dtype=object), np.asarray(ids, dtype=object), normalize=True)
 
 
 # -- the driver -------------------------------------------------------------------------------

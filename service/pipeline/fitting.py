@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,13 +36,37 @@ class FitResult:
     scores: pa.Table
 
 
+def add_labelled(
+    stats: SufficientStatistics | None,
+    features: np.ndarray,
+    labels: np.ndarray,
+    sample_ids: np.ndarray,
+    *,
+    normalize: bool,
+) -> SufficientStatistics | None:
+    """Add a chunk's labelled rows (label != "") to ``stats`` (created on first use).
+
+    The one place features become statistics: the embedding pipeline's streamed statistics and
+    the ones recomputed here from the store must agree to the last digit (float64, then
+    normalised)."""
+    keep = np.asarray(labels) != ""
+    if not keep.any():
+        return stats
+    x = np.asarray(features)[keep].astype(np.float64)
+    if normalize:
+        x = normalize_features(x)
+    if stats is None:
+        stats = SufficientStatistics(dim=x.shape[1])
+    return stats.update(x, np.asarray(labels)[keep].tolist(), np.asarray(sample_ids)[keep].tolist())
+
+
 def labelled_statistics(
     store: EmbeddingStore, *, normalize: bool, progress: Progress | None = None
 ) -> SufficientStatistics:
     """Statistics of the labelled samples in the store, reusing the cached prefix."""
     indices = store.chunk_indices()
     tag = "normalized" if normalize else "raw"
-    cached = _latest_cache(store, tag, indices)
+    cached = _latest_cache(store, tag, len(indices))
     stats: SufficientStatistics | None = None
     start = 0
     if cached is not None:
@@ -50,20 +75,13 @@ def labelled_statistics(
     total = len(indices)
     for done, index in enumerate(indices[start:], start=1):
         chunk = store.read_chunk(index)
-        features = chunk.features.astype(np.float64)
-        if normalize:
-            features = normalize_features(features)
-        if stats is None:
-            stats = SufficientStatistics(dim=features.shape[1])
-        keep = chunk.labels != ""
-        if keep.any():
-            stats.update(features[keep], chunk.labels[keep].tolist(), chunk.sample_ids[keep].tolist())
+        stats = add_labelled(stats, chunk.features, chunk.labels, chunk.sample_ids, normalize=normalize)
         if progress:
             progress(done, total - start)
     if stats is None:
-        raise ValueError("the dataset has no embedded samples yet")
+        raise ValueError("the dataset has no labelled samples yet")
     if indices and (cached is None or cached[0] != len(indices)):
-        atomic_savez(store.directory / f"stats-{tag}-upto-{len(indices):06d}.npz", stats.to_arrays())
+        _write_cache(store, tag, len(indices), stats)
     return stats
 
 
@@ -79,29 +97,38 @@ def extend_statistics_cache(
     tag = "normalized"
     base: SufficientStatistics | None = None
     if first_chunk > 0:
-        cached = _latest_cache(store, tag, list(range(first_chunk)))
+        cached = _latest_cache(store, tag, first_chunk)
         if cached is None or cached[0] != first_chunk:
             return False
         base = SufficientStatistics.from_arrays(load_npz(cached[1]))
     if stats is None and base is None:
         return False  # nothing labelled yet: the fit computes (and caches) from the features
     merged = stats if base is None else (base if stats is None else base.merge(stats))
-    atomic_savez(store.directory / f"stats-{tag}-upto-{end_chunk:06d}.npz", merged.to_arrays())
+    _write_cache(store, tag, end_chunk, merged)
     return True
 
 
-def _latest_cache(store: EmbeddingStore, tag: str, indices: list[int]) -> tuple[int, object] | None:
+def _cache_files(store: EmbeddingStore, tag: str) -> list[tuple[int, Path]]:
     # A cache "upto-k" covers chunks 0..k-1; valid only while those chunks are unchanged,
     # which holds because chunks are append-only.
-    pattern = re.compile(rf"^stats-{tag}-upto-(\d{{6}})\.npz$")
-    best = None
     if not store.directory.is_dir():
-        return None
-    for p in store.directory.iterdir():
-        m = pattern.match(p.name)
-        if m and int(m.group(1)) <= len(indices) and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    return best
+        return []
+    pattern = re.compile(rf"^stats-{tag}-upto-(\d{{6}})\.npz$")
+    return [(int(m.group(1)), p) for p in store.directory.iterdir() if (m := pattern.match(p.name))]
+
+
+def _latest_cache(store: EmbeddingStore, tag: str, max_chunks: int) -> tuple[int, Path] | None:
+    usable = [entry for entry in _cache_files(store, tag) if entry[0] <= max_chunks]
+    return max(usable, default=None, key=lambda entry: entry[0])
+
+
+def _write_cache(store: EmbeddingStore, tag: str, upto: int, stats: SufficientStatistics) -> None:
+    """Write the cache for chunks 0..upto-1 and remove the shorter prefixes it supersedes (each
+    is F x D x D float64: tens to hundreds of MB)."""
+    atomic_savez(store.directory / f"stats-{tag}-upto-{upto:06d}.npz", stats.to_arrays())
+    for covered, path in _cache_files(store, tag):
+        if covered < upto:
+            path.unlink(missing_ok=True)
 
 
 def score_store(
@@ -109,7 +136,7 @@ def score_store(
 ) -> pa.Table:
     """Scores of every labelled sample in the store, as an Arrow table (SCORE_COLUMNS)."""
     parts: list[pa.Table] = []
-    total = store.count() if progress else 0
+    total = model.count  # the labelled samples the model was fitted on: the ones scored here
     done = 0
     for chunk in store.iter_chunks():
         keep = chunk.labels != ""
@@ -130,7 +157,7 @@ def score_store(
                 }
             )
         )
-        done += len(chunk.sample_ids)
+        done += int(keep.sum())
         if progress:
             progress(done, total)
     if not parts:
@@ -148,7 +175,3 @@ def fit_store(
     stats = labelled_statistics(store, normalize=normalize)
     model = fit_gaussians(stats, shrinkage, normalized=normalize)
     return FitResult(model, score_store(model, store, progress))
-
-
-def to_numpy_scores(table: pa.Table) -> dict[str, np.ndarray]:
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}

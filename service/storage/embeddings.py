@@ -86,11 +86,6 @@ class EmbeddingStore:
     def count(self) -> int:
         return sum(len(self._ids(i)) for i in self.chunk_indices())
 
-    def dim(self) -> int | None:
-        for chunk in self.iter_chunks():
-            return int(chunk.features.shape[1])
-        return None
-
     def sample_ids(self) -> np.ndarray:
         parts = [self._ids(i) for i in self.chunk_indices()]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.str_)

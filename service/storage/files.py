@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -53,12 +52,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     """``np.savez`` (uncompressed, no pickles) written atomically."""
 
-    def write(fh: BinaryIO) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        fh.write(buffer.getbuffer())
-
-    return atomic_write(path, write)
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))  # streamed: no copy in memory
 
 
 def load_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
