@@ -11,10 +11,10 @@ import io
 
 import numpy as np
 from PIL import Image, ImageFilter
-from scipy.stats import rankdata
 
 from service.ingest import Sample
 from trainer.fmnist import CLASSES, load_fashion_mnist
+from trainer.metrics import auroc as metrics_auroc
 
 __all__ = [
     "CLASSES",
@@ -82,13 +82,12 @@ def corrupt(image: np.ndarray, kind: str, severity: int, seed: int) -> np.ndarra
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for finding ``positives`` (ties count half)."""
-    positives = np.asarray(positives, bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
+    """:func:`trainer.metrics.auroc` (Mann-Whitney, ties count half), refusing a one-class mask
+    instead of returning NaN: an evidence number must not silently vanish."""
+    value = metrics_auroc(scores, positives)
+    if np.isnan(value):
         raise ValueError("AUROC needs both positives and negatives")
-    ranks = rankdata(scores)
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return value
 
 
 def knn_disagreement(

@@ -41,6 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from trainer.data import ScoreTable  # noqa: E402
+from trainer.losses import difficulty_weights, resolve_temperature  # noqa: E402
 from trainer.train import TrainConfig, fmnist_train_indices  # noqa: E402
 
 METHOD_LABELS = {
@@ -125,12 +127,13 @@ def _runs(args: argparse.Namespace, scores: np.ndarray) -> list[dict[str, Any]]:
     grid += [("er", {"beta": v}) for v in args.er_grid]
     for clip in args.clip_grid:
         quantile = None if clip == "none" else float(clip)
-        capped = scores if quantile is None else np.minimum(scores, np.quantile(scores, quantile))
+        table = ScoreTable([str(i) for i in range(len(scores))], scores)
+        capped = (table if quantile is None else table.clipped(quantile)).scores
         for alpha in args.alpha_grid:
             for scale in args.t_grid:
                 # T as a multiple of the std of the dataset's (capped) scores; "auto" = 1 x std.
-                t = float(capped.std()) * (1.0 if scale == "auto" else float(scale))
-                weights = np.exp((capped - capped.max()) / t)
+                t = resolve_temperature(capped, "auto") * (1.0 if scale == "auto" else float(scale))
+                weights = difficulty_weights(capped, t)
                 grid.append(("difficulty", {
                     "alpha": alpha, "temperature": t, "t_scale": scale, "clip_quantile": quantile,
                     "mean_weight": float(weights.mean()),
@@ -186,10 +189,10 @@ def _scores(args: argparse.Namespace, workdir: Path) -> tuple[str, dict[str, Any
         from trainer.client import DifficultyClient
 
         with DifficultyClient(args.service_url, args.api_key) as client:
-            info = client.dataset(args.dataset_id)
-            table = client.scores(args.dataset_id)
-        source = {"source": "service", "service_url": args.service_url,
-                  "dataset_id": args.dataset_id, "fit": info.get("fit"), "encoder": info.get("encoder")}  # fmt: skip
+            fetched = client.fetch_scores(args.dataset_id)
+        table = fetched.table
+        source = {"source": "service", "service_url": args.service_url, "dataset_id": args.dataset_id,
+                  "fit_id": fetched.fit_id, "encoder": fetched.dataset.get("encoder")}  # fmt: skip
         # Fetched once here; the training processes read this copy instead of each asking.
         path = str(workdir / "scores.arrow")
         with pa.OSFile(path, "wb") as sink, ipc.new_file(sink, table.schema) as writer:

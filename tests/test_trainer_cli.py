@@ -87,6 +87,12 @@ def test_augment_keeps_shape_and_content():
     assert out.shape == x.shape
     # Nearest-neighbour shifts/flips move pixels, never invent values.
     assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+    # Shifted-in edges take the fill (normalised black), not normalised 0 (a grey).
+    torch.manual_seed(0)
+    flat = torch.full((64, 1, 6, 6), 5.0)
+    filled = augment_batch(flat, pad=1, fill=-0.81)
+    values = sorted(filled.unique().tolist())
+    assert len(values) == 2 and values[0] == pytest.approx(-0.81) and values[1] == 5.0
 
 
 def test_report_is_strict_json_with_undefined_metrics(tmp_path):

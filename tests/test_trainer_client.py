@@ -52,6 +52,8 @@ class FakeService:
         self.fits: dict[str, str | None] = {"ds1": "fit-1", "unfitted": None}
         self.fail_next = 0  # answer this many requests with 503 first
         self.log: list[str] = []
+        # A refit landing between the metadata request and the scores request.
+        self.refit_before_scores: str | None = None
 
 
 def make_handler(state: FakeService) -> type[BaseHTTPRequestHandler]:
@@ -86,6 +88,9 @@ def make_handler(state: FakeService) -> type[BaseHTTPRequestHandler]:
                 )
                 return self._json(200, body)
             if parts[3:] == ["scores"] and "format=arrow" in url.query:
+                if state.refit_before_scores is not None:
+                    fit = state.fits[parts[2]] = state.refit_before_scores
+                    state.refit_before_scores = None
                 if fit is None:
                     return self._json(409, {"detail": "dataset is not fitted yet"})
                 data = scores_stream(fit)
@@ -144,6 +149,18 @@ def test_refetch_after_new_fit(service, tmp_path):
         # refresh=True bypasses the cache.
         client.scores("ds1", refresh=True)
         assert sum("/scores" in p for p in service.log) == 3
+
+
+def test_fetch_scores_names_the_fit_that_served_them(service, tmp_path):
+    with client_for(service, tmp_path) as client:
+        service.refit_before_scores = "fit-2"  # metadata says fit-1, the table comes from fit-2
+        fetched = client.fetch_scores("ds1")
+        assert fetched.fit_id == "fit-2" and fetched.table.column("rmd")[0].as_py() == 101.0
+        assert fetched.dataset["id"] == "ds1"
+        assert sum(p == "/v1/datasets/ds1" for p in service.log) == 1  # one metadata request
+        # The cache is keyed by the serving fit: asking again (metadata now fit-2) is a hit.
+        again = client.fetch_scores("ds1")
+        assert again.fit_id == "fit-2" and sum("/scores" in p for p in service.log) == 1
 
 
 def test_cache_is_shared_across_clients_and_survives_corruption(service, tmp_path):

@@ -133,9 +133,16 @@ def test_build_loss_names():
 
 def test_weights_follow_module_device_and_dtype():
     loss = DifficultyAwareLoss([0.5, 1.0], alpha=1.0)
-    assert "weights" in dict(loss.named_buffers())
-    out = loss(LOGITS.half().float(), TARGETS, torch.tensor([1, 0]))
-    assert out.dtype == torch.float32
+    assert "weights" in dict(loss.named_buffers())  # so .to()/.double() move them with the module
+    loss.double()
+    assert loss.weights.dtype == torch.float64
+    idx = torch.tensor([1, 0])
+    out = loss.per_sample(LOGITS, TARGETS, idx)  # float64 logits
+    assert out.dtype == torch.float64
+    # CE - alpha * w * H, by hand: sample 0 has p = (0.75, 0.25), target 0, weight 1.0;
+    # sample 1 has p = (0.5, 0.5), weight 0.5.
+    expected = [-math.log(0.75) - 1.0 * H_75, LN2 - 0.5 * LN2]
+    assert out.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_difficulty_aware_gradient_matches_autograd_reference():

@@ -10,6 +10,7 @@ from trainer.client import (
     DatasetNotFoundError,
     DifficultyClient,
     DifficultyClientError,
+    FetchedScores,
     ServiceUnavailableError,
 )
 from trainer.data import ScoredDataset, ScoreTable, image_folder_labels, image_folder_sample_ids
@@ -32,6 +33,7 @@ __all__ = [
     "DifficultyAwareLoss",
     "DifficultyClient",
     "DifficultyClientError",
+    "FetchedScores",
     "FocalLoss",
     "LabelSmoothingLoss",
     "ScoreTable",

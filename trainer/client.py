@@ -15,6 +15,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,13 @@ REQUIRED_COLUMNS = (
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 # Transient on the server side: worth a retry. 4xx other than these are the caller's fault.
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class FetchedScores:
+    table: pa.Table
+    fit_id: str  # the fit that produced the table (a refit between requests is caught)
+    dataset: dict[str, Any]  # the dataset's metadata, fetched with them
 
 
 class DifficultyClientError(RuntimeError):
@@ -177,6 +185,11 @@ class DifficultyClient:
 
     def scores(self, dataset_id: str, *, refresh: bool = False) -> pa.Table:
         """All scores of the dataset's latest fit, from the disk cache when already fetched."""
+        return self.fetch_scores(dataset_id, refresh=refresh).table
+
+    def fetch_scores(self, dataset_id: str, *, refresh: bool = False) -> FetchedScores:
+        """The scores with the ID of the fit that produced them and the dataset's metadata
+        (one metadata request, plus the table when it is not cached)."""
         info = self.dataset(dataset_id)
         fit = info.get("fit")
         if not fit:
@@ -188,7 +201,7 @@ class DifficultyClient:
         cached = self._cache_path(dataset_id, fit_id)
         if cached.exists() and not refresh:
             try:
-                return _read_stream(cached.read_bytes())
+                return FetchedScores(_read_stream(cached.read_bytes()), fit_id, info)
             except (pa.ArrowInvalid, OSError):
                 cached.unlink(missing_ok=True)  # a damaged cache entry is refetched, not trusted
         response = self._request(
@@ -205,7 +218,7 @@ class DifficultyClient:
         # that actually produced these bytes.
         served_fit = response.headers.get("X-Fit-Id", fit_id)
         self._write_cache(self._cache_path(dataset_id, served_fit), response.content)
-        return table
+        return FetchedScores(table, served_fit, info)
 
     def _cache_path(self, dataset_id: str, fit_id: str) -> Path:
         # The base URL is part of the key: two services may both have a dataset "1".

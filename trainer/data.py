@@ -21,7 +21,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
-from trainer.losses import Temperature, resolve_temperature
+from trainer.losses import Temperature, difficulty_weights, resolve_temperature
 
 MissingPolicy = Literal["error", "drop", "zero-weight"]
 MISSING_POLICIES: tuple[str, ...] = ("error", "drop", "zero-weight")
@@ -92,13 +92,13 @@ class ScoreTable:
     def weights_for(
         self, sample_ids: Sequence[str], temperature: Temperature = "auto"
     ) -> np.ndarray:
-        """``exp((s_i - max_j s_j) / T)`` with max and T over the whole table; NaN where absent."""
-        t = self.temperature(temperature)
-        top = self.scores.max()
+        """:func:`difficulty_weights` of the whole table (max and T over all of it), picked for
+        ``sample_ids``; NaN where absent."""
+        weights = difficulty_weights(self.scores, temperature)
         rows = np.array([self.row.get(str(s), -1) for s in sample_ids], dtype=np.int64)
         out = np.full(len(rows), np.nan)
         found = rows >= 0
-        out[found] = np.exp((self.scores[rows[found]] - top) / t)
+        out[found] = weights[rows[found]]
         return out
 
 

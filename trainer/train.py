@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class TrainConfig:
     progress: bool = True
     workers: int = 0
     threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,15 +169,15 @@ def load_scores(cfg: TrainConfig) -> tuple[ScoreTable, dict[str, Any]]:
         from trainer.client import DifficultyClient
 
         with DifficultyClient(cfg.service_url, cfg.api_key, cache_dir=cfg.cache_dir) as client:
-            info = client.dataset(cfg.dataset_id)
-            table = client.scores(cfg.dataset_id)
-        fit = info.get("fit") or {}
+            fetched = client.fetch_scores(cfg.dataset_id)
+        table = fetched.table
+        fit = fetched.dataset.get("fit") or {}
         source = {
             "source": "service",
             "service_url": cfg.service_url,
             "dataset_id": cfg.dataset_id,
-            "fit_id": fit.get("id"),
-            "encoder": fit.get("encoder") or info.get("encoder"),
+            "fit_id": fetched.fit_id,
+            "encoder": fit.get("encoder") or fetched.dataset.get("encoder"),
         }
     else:
         raise ValueError(
@@ -201,6 +200,7 @@ class Data:
     train_ids: list[str]  # sample IDs (what the service's scores are keyed by)
     train_targets: list[int]
     classes: list[str]
+    black: float  # the value black pixels have after normalisation (fills shifted-in edges)
 
 
 def load_data(cfg: TrainConfig) -> Data:
@@ -228,6 +228,7 @@ def load_data(cfg: TrainConfig) -> Data:
             train_ids=[str(i) for i in train_idx],  # the row index: the default upload IDs
             train_targets=labels[train_idx].tolist(),
             classes=names,
+            black=-FMNIST_MEAN / FMNIST_STD,
         )
     if not Path(cfg.data).is_dir():
         raise ValueError(f"--data must be 'fmnist' or an ImageFolder directory, got {cfg.data!r}")
@@ -260,7 +261,9 @@ def load_data(cfg: TrainConfig) -> Data:
             np.random.default_rng(SUBSET_SEED + 1).permutation(train_idx)[: cfg.train_subset]
         )
     if cfg.test_subset is not None and cfg.test_subset < len(test_set):
-        test_set = Subset(test_set, list(range(cfg.test_subset)))
+        # Random, not the first N: ImageFolder lists samples class by class.
+        pick = np.random.default_rng(SUBSET_SEED + 2).permutation(len(test_set))[: cfg.test_subset]
+        test_set = Subset(test_set, np.sort(pick).tolist())
     return Data(
         train=Split(Subset(full, train_idx.tolist()), len(names), channels),
         test=Split(test_set, len(names), channels),
@@ -268,6 +271,7 @@ def load_data(cfg: TrainConfig) -> Data:
         train_ids=[ids[i] for i in train_idx],
         train_targets=[targets[i] for i in train_idx],
         classes=names,
+        black=-1.0,  # Normalize(0.5, 0.5)
     )
 
 
@@ -303,8 +307,10 @@ def _batches(
     return epoch, len(loader)
 
 
-def augment_batch(x: Tensor, pad: int = 2) -> Tensor:
-    """Random horizontal flip and translation by up to ``pad`` pixels, per sample, on device."""
+def augment_batch(x: Tensor, pad: int = 2, fill: float = 0.0) -> Tensor:
+    """Random horizontal flip and translation by up to ``pad`` pixels, per sample, on device.
+    Edges shifted in take ``fill`` (the normalised value of black, as padding a raw image with
+    zeros would give; normalised 0 would be a grey the test images never show)."""
     n = x.shape[0]
     flip = torch.rand(n, device=x.device) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -313,7 +319,8 @@ def augment_batch(x: Tensor, pad: int = 2) -> Tensor:
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, :, 2] = shift
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    shifted = F.grid_sample(x - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return shifted + fill
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -370,7 +377,11 @@ def _ood_split(cfg: TrainConfig, test: Split) -> tuple[str, Split] | None:
     if cfg.ood == "noise":
         # Uniform-noise images in the test images' value range: a synthetic OOD control that
         # needs no second dataset. Seeded separately so it is the same set for every run.
-        x0 = test.tensors[0] if test.tensors is not None else test.dataset[0][0].unsqueeze(0)
+        if test.tensors is not None:
+            x0 = test.tensors[0]
+        else:  # the range over a fixed sample of test images, not over whichever comes first
+            picks = np.random.default_rng(SUBSET_SEED).permutation(len(test.dataset))[:64]
+            x0 = torch.stack([test.dataset[int(i)][0] for i in picks])
         n = min(len(test.dataset), 2000)
         g = torch.Generator().manual_seed(SUBSET_SEED)
         lo, hi = float(x0.min()), float(x0.max())
@@ -432,7 +443,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         total, count = torch.zeros((), device=device), 0
         for x, y, idx in epoch_batches():
             if cfg.augment:
-                x = augment_batch(x)
+                x = augment_batch(x, fill=data.black)
             loss = loss_fn(model(x).float(), y, idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -526,8 +537,6 @@ def _finite(value: Any) -> Any:
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
     return str(value)
 
 
