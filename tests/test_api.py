@@ -20,7 +20,11 @@ SCORE_FIELDS = {"sample_id", "label", "rmd", "md_class", "md_agnostic", "rmd_min
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp(f"api-{request.param}") / "data"
-    with database_for(request.param) as db_url, running_server(data_dir, database_url=db_url, api_keys=KEYS) as url:
+    # The server's system temp dir, watched by test_data_dir_only: uploads must not land there.
+    system_tmp = data_dir.parent / "system-tmp"
+    system_tmp.mkdir()
+    env = {"TMPDIR": str(system_tmp)}
+    with database_for(request.param) as db_url, running_server(data_dir, database_url=db_url, api_keys=KEYS, env=env) as url:
         yield url, data_dir
 
 
@@ -286,7 +290,15 @@ def test_failed_fit_says_what_to_do(server):
 
 
 def test_data_dir_only(server):
-    """Nothing the service writes lands outside its data dir (spooled uploads included)."""
+    """Nothing the service writes lands outside its data dir, spooled uploads included: a
+    multipart parser that spools large parts to the system temp dir would write there."""
     url, data_dir = server
+    system_tmp = Path(data_dir).parent / "system-tmp"
+    features, labels = blobs(4000, dim=128)  # 2 MB: above the usual 1 MiB in-memory spool limit
+    with client(url) as c:
+        dataset_id = c.post("/v1/datasets", json={"name": "big", "encoder": "feats"}).json()["id"]
+        assert upload_embeddings(c, dataset_id, features, labels).status_code == 201
+    assert list(system_tmp.iterdir()) == []
+    assert list((Path(data_dir) / "tmp").glob("upload-*")) == []  # spools are removed afterwards
     outside = sorted(p.name for p in Path(data_dir).parent.iterdir())
-    assert all(name == "data" or name.endswith(".log") for name in outside), outside
+    assert all(name in ("data", "system-tmp") or name.endswith(".log") for name in outside), outside

@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.ipc  # noqa: F401 (pa.ipc)
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,7 +49,21 @@ def test_other_formats_and_npy_labels(tmp_path, suffix):
     out = tmp_path / f"scores{suffix}"
     code = main(["score", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
                  "--shrinkage", "0.05", "-o", str(out)])
-    assert code == 0 and out.stat().st_size > 0
+    assert code == 0
+    reference = tmp_path / "reference.parquet"
+    assert main(["score", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--shrinkage", "0.05", "-o", str(reference)]) == 0
+    if suffix == ".csv":
+        table = pacsv.read_csv(out, convert_options=pacsv.ConvertOptions(
+            column_types={"sample_id": pa.string(), "label": pa.string(), "predicted_label": pa.string()}))
+    else:
+        table = pa.ipc.open_file(out).read_all()
+    expected = pq.read_table(reference)
+    assert table.num_rows == 600 and table.column_names == expected.column_names
+    assert table.column("sample_id").to_pylist() == [str(i) for i in range(600)]
+    assert set(table.column("label").to_pylist()) == {"0", "1", "2"}  # .npy integer labels
+    assert table.column("label").to_pylist() == expected.column("label").to_pylist()
+    np.testing.assert_allclose(table.column("rmd").to_numpy(), expected.column("rmd").to_numpy(), rtol=1e-12)
 
 
 def test_mislabelled_samples_rank_high(tmp_path):

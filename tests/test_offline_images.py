@@ -6,6 +6,7 @@ import csv
 import zipfile
 from pathlib import Path
 
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from imagedata import TINY_CLIP, save_tiny_clip_checkpoint, write_image_folder
@@ -58,7 +59,18 @@ def test_score_zip_and_manifest(tiny_encoder: str, folder: Path, tmp_path: Path,
         for path in sorted(folder.rglob("*.jpg")):
             writer.writerow([path, path.parent.name])
     assert main(["score", str(manifest), "--encoder", tiny_encoder, "-o", str(tmp_path / "m.parquet")]) == 0
-    assert pq.read_table(tmp_path / "m.parquet").num_rows == 18
+    from_manifest = pq.read_table(tmp_path / "m.parquet")
+    assert from_manifest.num_rows == 18
+    # Same images, same labels: the zip and the manifest give the same scores per image.
+    from_zip = pacsv.read_csv(tmp_path / "a.csv")
+    zip_rmd = dict(zip(from_zip.column("sample_id").to_pylist(), from_zip.column("rmd").to_pylist(), strict=True))
+    manifest_rmd = {
+        Path(i).relative_to(folder).as_posix(): v
+        for i, v in zip(from_manifest.column("sample_id").to_pylist(), from_manifest.column("rmd").to_pylist(), strict=True)
+    }
+    assert zip_rmd.keys() == manifest_rmd.keys() and len(zip_rmd) == 18
+    for sample_id, value in zip_rmd.items():
+        assert value == pytest.approx(manifest_rmd[sample_id], rel=1e-6, abs=1e-6)
     capsys.readouterr()
 
 
