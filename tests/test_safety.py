@@ -17,6 +17,7 @@ from apiserver import database_for, running_server, wait_for_job
 from imagedata import COLOURS, jpeg_bytes, png_bytes
 from PIL import Image
 
+from service.ingest import open_source
 from service.ingest.safety import ArchiveError, inspect_archive
 
 
@@ -105,12 +106,15 @@ def test_hostile_archives_are_refused(kind, tmp_path):
 
 @pytest.mark.parametrize("maker", [make_zip, make_tar, lambda m: make_tar(m, mode="w")])
 def test_valid_archives_list_their_members(maker, tmp_path):
-    members = image_members(2) | {"./blue/extra.jpg": b"z", ".hidden/x.jpg": b"h", "__MACOSX/red/._0.jpg": b"m"}
+    members = image_members(2) | {"./blue/extra.jpg": b"z", ".hidden/x.jpg": b"h", "__MACOSX/red/._0.jpg": b"m",
+                                   "red/Thumbs.db": b"t", "red/.DS_Store": b"d"}
     path = tmp_path / "upload"
     path.write_bytes(maker(members))
     found = inspect_archive(path, **LIMITS)
     assert sorted(m.name for m in found) == sorted([*image_members(2), "blue/extra.jpg"])
     assert {m.label for m in found} == set(COLOURS)
+    # The upload's view of the samples is the readers' view: same names, nothing extra.
+    assert sorted(m.name for m in found) == sorted(s.sample_id for s in open_source(path))
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ class AppContext:
     _encoders: dict[str, object] = field(default_factory=dict)
     _upload_locks: dict[str, threading.Lock] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _encoder_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def upload_lock(self, dataset_id: str) -> threading.Lock:
         # Serialises uploads to one dataset in this process (duplicate-ID checks, encoder switch).
@@ -58,7 +59,9 @@ class AppContext:
         """One loaded image encoder per name, kept for later scoring requests."""
         from service.jobs.fit import load_image_encoder
 
-        with self._lock:
+        # Its own lock: loading weights takes seconds, and uploads and model lookups (which take
+        # self._lock) must not wait behind it.
+        with self._encoder_lock:
             if name not in self._encoders:
                 self._encoders.clear()  # at most one model in memory
                 self._encoders[name] = load_image_encoder(name, self.settings)
@@ -151,6 +154,12 @@ def list_datasets(ctx: AppContext, tenant: str) -> schemas.DatasetList:
             select(Dataset).where(Dataset.tenant == tenant).order_by(Dataset.created_at)
         ).all()
         return schemas.DatasetList(items=[_dataset_out(session, d) for d in rows])
+
+
+def require_dataset(ctx: AppContext, tenant: str, dataset_id: str) -> None:
+    """404 unless the tenant owns the dataset (one primary-key lookup)."""
+    with ctx.db() as session:
+        _owned(session, tenant, dataset_id)
 
 
 def get_dataset(ctx: AppContext, tenant: str, dataset_id: str) -> schemas.DatasetOut:
@@ -421,16 +430,17 @@ def current_fit(ctx: AppContext, tenant: str, dataset_id: str) -> tuple[Fit, Pat
 
 
 def scores_page(
-    ctx: AppContext, tenant: str, dataset_id: str, *, limit: int, cursor: str | None, order: str, label: str | None
+    fit_id: str, directory: Path, *, limit: int, cursor: str | None, order: str, label: str | None
 ) -> dict[str, Any]:
-    fit, directory = current_fit(ctx, tenant, dataset_id)
+    """One page of a fit's scores (``directory`` from :func:`current_fit`): a binary search and a
+    slice of memory-mapped files, no database."""
     try:
         position = Cursor.decode(cursor) if cursor else None
     except CursorError as exc:
         raise ApiError(400, str(exc)) from None
     items, next_cursor = page(directory, limit=limit, cursor=position, descending=order == "desc", label=label)
     # Plain dict (ScorePage's shape): score pages are the hot path, skip re-validating rows.
-    return {"items": items, "next_cursor": next_cursor, "fit_id": fit.id}
+    return {"items": items, "next_cursor": next_cursor, "fit_id": fit_id}
 
 
 def summary(ctx: AppContext, tenant: str, dataset_id: str) -> schemas.Summary:
@@ -449,8 +459,7 @@ def neighbors(ctx: AppContext, tenant: str, dataset_id: str, sample_id: str, k: 
 
 
 def failures(ctx: AppContext, tenant: str, dataset_id: str, limit: int) -> schemas.Failures:
-    with ctx.db() as session:
-        _owned(session, tenant, dataset_id)
+    require_dataset(ctx, tenant, dataset_id)
     rows = read_failures(layout.store_dir(ctx.settings.data_dir, dataset_id))
     items = [schemas.Failure(sample_id=sample_id, reason=reason) for sample_id, reason in rows[:limit]]
     return schemas.Failures(count=len(rows), items=items)

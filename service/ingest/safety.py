@@ -16,9 +16,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from service.ingest.sample import is_hidden
+
 # A zip member that claims to expand more than this ratio is a bomb, whatever the total.
 MAX_COMPRESSION_RATIO = 1000
 _RATIO_MIN_BYTES = 1 << 20
+
 
 
 class ArchiveError(ValueError):
@@ -42,9 +45,11 @@ def normalise_member_name(raw: str) -> str | None:
     parts = [p for p in PurePosixPath(raw).parts if p not in ("", ".")]
     if ".." in parts:
         raise ArchiveError(f"archive member {raw!r} contains '..'")
-    if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+    name = "/".join(parts)
+    # The readers' own rule: a member the readers skip must not be counted as a sample here.
+    if not parts or is_hidden(name):
         return None
-    return "/".join(parts)
+    return name
 
 
 def inspect_archive(

@@ -69,9 +69,14 @@ class EmbedChunks:
         # Ray pins OMP_NUM_THREADS to the actor's whole CPUs (1 for fractional requests); use
         # what the actor reserved for the forward pass on CPU.
         torch.set_num_threads(max(1, int(round(cpus))))
+        from concurrent.futures import ThreadPoolExecutor
+
+        from service.pipeline.embedding import default_workers
+
         self.encoder = load_encoder(encoder_name, device=device)
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        # One decode pool for the actor's life, not one started and joined per chunk.
+        self.pool = ThreadPoolExecutor(max_workers=num_workers or default_workers(), thread_name_prefix="decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         from service.pipeline.embedding import embed_chunk
@@ -79,7 +84,7 @@ class EmbedChunks:
         out: dict[str, list[Any]] = {k: [] for k in ("index", "sample_ids", "labels", "features", "failures", "statistics", "encoder")}
         for row in range(len(batch["index"])):
             samples = list(_samples_of(batch, row))
-            result = embed_chunk(samples, self.encoder, batch_size=self.batch_size, num_workers=self.num_workers)
+            result = embed_chunk(samples, self.encoder, batch_size=self.batch_size, pool=self.pool)
             out["index"].append(int(batch["index"][row]))
             out["sample_ids"].append(json.dumps(result.sample_ids))
             out["labels"].append(json.dumps(result.labels))

@@ -93,7 +93,7 @@ def delete_dataset(dataset_id: str, request: Request, tenant: Tenant) -> Respons
 )
 async def upload_items(dataset_id: str, request: Request, tenant: Tenant) -> schemas.UploadOut:
     ctx = _ctx(request)
-    await run_in_threadpool(ops.get_dataset, ctx, tenant, dataset_id)  # 404 before reading the body
+    await run_in_threadpool(ops.require_dataset, ctx, tenant, dataset_id)  # 404 before reading the body
     form = await _receive(request, {"file"})
     return await run_in_threadpool(ops.accept_archive, ctx, tenant, dataset_id, form)
 
@@ -116,7 +116,7 @@ async def upload_items(dataset_id: str, request: Request, tenant: Tenant) -> sch
 )
 async def upload_embeddings(dataset_id: str, request: Request, tenant: Tenant) -> schemas.UploadOut:
     ctx = _ctx(request)
-    await run_in_threadpool(ops.get_dataset, ctx, tenant, dataset_id)
+    await run_in_threadpool(ops.require_dataset, ctx, tenant, dataset_id)
     form = await _receive(request, {"embeddings", "labels", "ids"}, {"encoder"})
     return await run_in_threadpool(ops.accept_embeddings, ctx, tenant, dataset_id, form)
 
@@ -164,13 +164,13 @@ async def get_scores(
     label: Annotated[str | None, Query(max_length=1000)] = None,
     format: Literal["json", "arrow", "parquet", "csv"] = "json",
 ):
-    # async: a page is a sub-millisecond binary search + slice, cheaper inline on the event loop
-    # than a hop to the thread pool (the hot path under concurrent load).
+    # The database lookup runs in the thread pool (a stalled database must not block the event
+    # loop); a JSON page itself is a sub-millisecond binary search + slice, served inline.
     ctx = _ctx(request)
-    if format == "json":
-        body = ops.scores_page(ctx, tenant, dataset_id, limit=limit, cursor=cursor, order=order, label=label)
-        return JSONResponse(body, headers={"X-Fit-Id": body["fit_id"]})
     fit, directory = await run_in_threadpool(ops.current_fit, ctx, tenant, dataset_id)
+    if format == "json":
+        body = ops.scores_page(fit.id, directory, limit=limit, cursor=cursor, order=order, label=label)
+        return JSONResponse(body, headers={"X-Fit-Id": fit.id})
     headers = {"X-Fit-Id": fit.id}
     if format == "arrow":
         return StreamingResponse(score_files.arrow_stream(directory), media_type=ARROW_STREAM, headers=headers)
