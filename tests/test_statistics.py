@@ -166,7 +166,10 @@ def test_chunked_and_merged_equals_one_shot():
     for s in range(0, 400, 97):
         a.update(x[s : min(s + 97, 400)], labels[s : min(s + 97, 400)], ids[s : min(s + 97, 400)])
     b = SufficientStatistics(dim=6).update(x[400:] - 0.0, labels[400:], ids[400:])
-    for merged in (a.merge(b), b.merge(a)):
+    a_counts_before = a.counts.copy()
+    running = SufficientStatistics(dim=6).merge_in_place(a).merge_in_place(b)  # a running total
+    np.testing.assert_array_equal(a.counts, a_counts_before)  # the merged-in side is unchanged
+    for merged in (a.merge(b), b.merge(a), running):
         np.testing.assert_array_equal(merged.count, whole.count)
         m1, m2 = fit_gaussians(merged, "auto"), fit_gaussians(whole, "auto")
         np.testing.assert_allclose(m1.covariance, m2.covariance, rtol=1e-9, atol=1e-12)

@@ -246,6 +246,16 @@ def accept_archive(ctx: AppContext, tenant: str, dataset_id: str, form: Form) ->
     try:
         if "file" not in form.files:
             raise ApiError(422, "multipart field 'file' (a zip or tar(.gz) archive) is required")
+        # The scan reads the whole archive (minutes for GBs): before the dataset's lock and a
+        # database connection are taken, as accept_embeddings validates its files first.
+        try:
+            members = inspect_archive(
+                form.files["file"],
+                max_members=ctx.settings.max_archive_members,
+                max_total_bytes=ctx.settings.max_archive_bytes,
+            )
+        except ArchiveError as exc:
+            raise ApiError(422, f"archive refused: {exc}") from None
         with ctx.upload_lock(dataset_id), ctx.db() as session:
             dataset = _owned(session, tenant, dataset_id)
             if not is_image_encoder(dataset.encoder):
@@ -255,14 +265,6 @@ def accept_archive(ctx: AppContext, tenant: str, dataset_id: str, form: Form) ->
                     "create a dataset with an image encoder for images",
                 )
             uploads = session.scalars(select(Upload).where(Upload.dataset_id == dataset.id)).all()
-            try:
-                members = inspect_archive(
-                    form.files["file"],
-                    max_members=ctx.settings.max_archive_members,
-                    max_total_bytes=ctx.settings.max_archive_bytes,
-                )
-            except ArchiveError as exc:
-                raise ApiError(422, f"archive refused: {exc}") from None
             ids = np.asarray([m.name for m in members], dtype=np.str_)
             _check_duplicates(ids, _existing_ids(layout.dataset_dir(ctx.settings.data_dir, dataset.id), list(uploads)))
             form.files["file"].rename(form.directory / "archive")

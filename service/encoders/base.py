@@ -113,10 +113,8 @@ class TorchEncoder(Encoder):
     ) -> None:
         self.name = name
         self.device = device
-        self.precision = precision
         self.transform = transform
         self.decode_size = decode_size
-        self.input_size = input_size
         self.weights_sha256 = weights_sha256
         model = model.eval().requires_grad_(False)
         self._autocast_dtype: torch.dtype | None = None

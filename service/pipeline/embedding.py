@@ -391,9 +391,13 @@ def _run_chunk(
 
 def _accumulate(report: EmbedReport, result: ChunkResult) -> None:
     # Runs on the single statistics thread, so updates to report.statistics are serialised.
-    stats = chunk_statistics(result.features, result.labels, result.sample_ids)
-    if stats is not None:
-        report.statistics = stats if report.statistics is None else report.statistics.merge(stats)
+    report.statistics = add_labelled(
+        report.statistics,
+        result.features,
+        np.asarray(result.labels, dtype=object),
+        np.asarray(result.sample_ids, dtype=object),
+        normalize=True,
+    )  # in place: no copy of the running D x D moments per chunk
 
 
 def check_encoder_record(store: EmbeddingStore, record: dict) -> None:

@@ -245,7 +245,7 @@ def _run_window(
         store_chunk(store, ids, labels, features, failures, report)  # type: ignore[arg-type]
         if result["statistics"]:
             stats = SufficientStatistics.from_arrays(_load_npz_bytes(result["statistics"]))
-            report.statistics = stats if report.statistics is None else report.statistics.merge(stats)
+            report.statistics = stats if report.statistics is None else report.statistics.merge_in_place(stats)
         tick(len(ids) + len(json.loads(result["failures"])))
         if should_stop is not None and should_stop():
             report.stopped = True

@@ -101,15 +101,22 @@ class SufficientStatistics:
 
     def merge(self, other: SufficientStatistics) -> SufficientStatistics:
         """Exact union of two sets of statistics (new object; neither input changes)."""
+        return self.copy().merge_in_place(other)
+
+    def merge_in_place(self, other: SufficientStatistics) -> SufficientStatistics:
+        """Add ``other`` to these statistics (``other`` does not change); returns self. For
+        running totals: no copy of the D x D moments per merge."""
         if other.dim != self.dim or other.n_folds != self.n_folds:
             raise ValueError("cannot merge statistics of different dimension or fold count")
-        merged = self.copy()
         if other.reference is None:
-            return merged
-        if merged.reference is None:
-            return other.copy()
+            return self
+        if self.reference is None:
+            copied = other.copy()
+            self.classes, self.reference = copied.classes, copied.reference
+            self.counts, self.sums, self.second_moments = copied.counts, copied.sums, copied.second_moments
+            return self
         # Re-centre ``other`` on our reference: z - r1 = (z - r2) + d with d = r2 - r1.
-        d = other.reference - merged.reference
+        d = other.reference - self.reference
         fold_sums = other.sums.sum(axis=1)  # (F, D)
         fold_counts = other.counts.sum(axis=1)  # (F,)
         shifted_second = (
@@ -119,11 +126,11 @@ class SufficientStatistics:
             + fold_counts[:, None, None] * np.outer(d, d)[None]
         )
         shifted_sums = other.sums + other.counts[:, :, None] * d[None, None, :]
-        index = merged._class_indices(other.classes)
-        merged.counts[:, index] += other.counts
-        merged.sums[:, index] += shifted_sums
-        merged.second_moments += shifted_second
-        return merged
+        index = self._class_indices(other.classes)
+        self.counts[:, index] += other.counts
+        self.sums[:, index] += shifted_sums
+        self.second_moments += shifted_second
+        return self
 
     def copy(self) -> SufficientStatistics:
         out = SufficientStatistics(dim=self.dim, n_folds=self.n_folds, classes=list(self.classes))
