@@ -1,0 +1,402 @@
+"""Label issues from the fitted Gaussians: a calibrated probability that a given label is wrong,
+and the most likely true label.
+
+The difficulty scores (``rmd``, ``md_class``, ``md_agnostic``) are untouched; this module ranks
+and calibrates with the Gaussian *classifier* they imply. With tied covariance ``Sigma_rho`` and
+class frequencies ``pi_k`` the class posterior is
+
+    p_T(k | z) = softmax_k(-MD_k(z) / (2 T) + log pi_k),
+
+with a temperature ``T`` (1 is the plug-in classifier). The labels it is fitted on are noisy, so
+the given label ``g`` of a sample with true class ``y`` is modelled as drawn from a transition
+matrix ``M[y, g] = P(given g | true y)``. ``T`` and ``M`` are fitted by maximum likelihood of the
+*given* labels under **out-of-fold** posteriors (each sample scored by the Gaussians fitted on
+the other folds, from the per-fold sufficient statistics), EM for ``M``: no true label is
+needed. The posterior of the true class is then
+
+    r(y | z, g) ∝ p_T(y | z) M[y, g],
+
+and ``label_issue_probability = 1 - r(g | z, g)``, ``suggested_label = argmax_y r(y | z, g)``
+with probability ``r(suggested | z, g)`` (the given label itself when it is probably right).
+docs/evidence.md gives the measurements behind the defaults (ranking, shrinkage, threshold) and a
+reliability table.
+
+Shapes: N samples, K classes, D features. Class axes follow ``GaussianModel.classes`` (sorted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy.linalg import solve_triangular
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from service.statistics.gaussian import GaussianModel, normalize_features
+from service.statistics.selection import (
+    FoldGaussian,
+    fold_gaussians,
+    log_posterior,
+    shrunk_eigenvalues,
+)
+from service.statistics.shrinkage import shrink
+from service.statistics.sufficient import SufficientStatistics
+
+# A label is flagged when it is more likely wrong than right.
+DEFAULT_THRESHOLD = 0.5
+# Bounds of the fitted temperature (log scale): the posterior of a near-unshrunk fit at N ~ D
+# needs T of several hundred to be calibrated, a heavily shrunk one may need T < 1.
+LOG_TEMPERATURE_BOUNDS = (np.log(1e-2), np.log(1e5))
+# Pseudo-count added to every cell of the transition counts in the M-step: keeps rows of rare
+# classes away from exact zeros (a zero would make some relabelling impossible).
+TRANSITION_PSEUDO_COUNT = 0.1
+NoiseKind = Literal["full", "uniform", "none"]
+
+
+def log_prior_from_counts(class_counts: np.ndarray) -> np.ndarray:
+    """(K,) ``log(n_k / N)`` (``-inf`` for an empty class)."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(counts / counts.sum())
+
+
+def class_distances(model: GaussianModel, features: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """(N, K) squared Mahalanobis distances ``MD_k(z_i)`` to every class mean under the model's
+    shrunk tied covariance (the same quantity as ``md_class`` for the given class), for (N, D)
+    ``features`` in the space the model was fitted on (normalised here if the model is)."""
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[1] != model.dim:
+        raise ValueError(f"features must have shape (n, {model.dim}), got {x.shape}")
+    lower = np.linalg.cholesky(shrink(model.covariance, model.shrinkage))
+    whiten = solve_triangular(lower, np.eye(model.dim), lower=True)
+    means = (model.means - model.mean_agnostic) @ whiten.T
+    mean_norms = np.einsum("kd,kd->k", means, means)
+    out = np.empty((x.shape[0], means.shape[0]))
+    for start in range(0, x.shape[0], batch):
+        z = np.asarray(x[start : start + batch], dtype=np.float64)
+        if model.normalized:
+            z = normalize_features(z)
+        w = (z - model.mean_agnostic) @ whiten.T
+        d = w @ means.T
+        d *= -2.0
+        d += mean_norms[None, :]
+        d += np.einsum("nd,nd->n", w, w)[:, None]
+        out[start : start + batch] = np.maximum(d, 0.0)
+    return out
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """Out-of-fold class distances: each sample against the Gaussians of the other folds.
+
+    Attributes:
+        classes: (K,) class labels, sorted (as ``GaussianModel.classes``).
+        distances: (N, K) ``MD_k`` of each sample under its out-of-fold model.
+        log_prior: (N, K) log class frequencies of each sample's training folds.
+    """
+
+    classes: np.ndarray
+    distances: np.ndarray
+    log_prior: np.ndarray
+
+    def log_posterior(self, temperature: float = 1.0) -> np.ndarray:
+        """(N, K) ``log p_T(k | z_i)`` under the out-of-fold models."""
+        return _log_posterior_rows(self.distances, self.log_prior, temperature)
+
+
+def out_of_fold_distances(
+    stats: SufficientStatistics,
+    features: np.ndarray,
+    folds: np.ndarray,
+    rho: float,
+    fold_models: Sequence[FoldGaussian] | None = None,
+) -> OutOfFold:
+    """Distances of every sample to the class means of the Gaussians fitted on the other folds
+    (tied covariance shrunk by ``rho``).
+
+    Parameters
+    ----------
+    stats : the per-fold statistics the samples were accumulated into.
+    features : (N, D) the same samples, in the space of ``stats`` (already L2-normalised if the
+        fit normalises).
+    folds : (N,) each sample's fold (``assign_folds`` of its ID).
+    rho : shrinkage in (0, 1] (0 only if every fold's covariance is non-singular).
+    fold_models : ``fold_gaussians(stats)`` if already computed (e.g. for the shrinkage
+        selection); computed here otherwise.
+    """
+    return out_of_fold_distances_grid(stats, features, folds, [rho], fold_models)[0]
+
+
+def out_of_fold_distances_grid(
+    stats: SufficientStatistics,
+    features: np.ndarray,
+    folds: np.ndarray,
+    rhos: Sequence[float],
+    fold_models: Sequence[FoldGaussian] | None = None,
+) -> list[OutOfFold]:
+    """:func:`out_of_fold_distances` for several rhos, projecting each sample once (the
+    ``D^2`` part); one :class:`OutOfFold` per rho, in order."""
+    x = np.asarray(features, dtype=np.float64)
+    folds = np.asarray(folds)
+    if x.ndim != 2 or x.shape[1] != stats.dim or folds.shape != (x.shape[0],):
+        raise ValueError("features must be (N, D) with D = stats.dim and folds (N,)")
+    present = stats.counts.sum(axis=0) > 0
+    names = np.asarray(stats.classes, dtype=np.str_)
+    keep = np.flatnonzero(present)[np.argsort(names[present], kind="stable")]
+    distances = np.full((len(rhos), x.shape[0], keep.size), np.nan)
+    log_prior = np.full((x.shape[0], keep.size), np.nan)
+    for model in fold_gaussians(stats) if fold_models is None else fold_models:
+        rows = np.flatnonzero(folds == model.fold)
+        if rows.size == 0:
+            continue
+        u, m = model.project(x[rows] - stats.reference)
+        for i, rho in enumerate(rhos):
+            if not np.all(shrunk_eigenvalues(model.eigenvalues, rho) > 0):
+                raise ValueError(f"shrinkage {rho:g} leaves fold {model.fold}'s covariance singular")
+            distances[i, rows] = model.distances(u, m, rho)[:, keep]
+        log_prior[rows] = model.log_prior[keep]
+    if np.isnan(log_prior).any():
+        raise ValueError(
+            "out-of-fold distances undefined for some samples: their fold has no model (a fold "
+            "outside stats.n_folds, or fewer than 2 samples outside it)"
+        )
+    return [OutOfFold(names[keep], distances[i], log_prior) for i in range(len(rhos))]
+
+
+@dataclass(frozen=True)
+class LabelNoise:
+    """Fitted calibration: temperature and label transition matrix.
+
+    Attributes:
+        temperature: ``T`` of ``p_T(k | z)``.
+        transition: (K, K) ``M[y, g] = P(given label g | true class y)``, rows sum to 1.
+        log_likelihood: mean log-likelihood of the given labels at the optimum.
+        kind: "full" (any M), "uniform" (``1 - eps`` on the diagonal, ``eps / (K - 1)`` off it)
+            or "none" (M = I: the plain temperature-scaled classifier).
+    """
+
+    temperature: float
+    transition: np.ndarray
+    log_likelihood: float
+    kind: NoiseKind
+
+    @property
+    def noise_rate(self) -> np.ndarray:
+        """(K,) estimated share of wrong labels per true class, ``1 - M[y, y]``."""
+        return 1.0 - np.diag(self.transition)
+
+
+def fit_label_noise(
+    distances: np.ndarray,
+    log_prior: np.ndarray,
+    labels: np.ndarray,
+    kind: NoiseKind = "full",
+    max_rounds: int = 100,
+    tol: float = 1e-8,
+) -> LabelNoise:
+    """Maximum-likelihood ``T`` and ``M`` for the given labels under ``p_T(y | z) M[y, g]``, by
+    coordinate ascent: a bounded scalar search on ``log T`` with ``M`` fixed, then EM steps on
+    ``M`` with ``T`` fixed, until the mean log-likelihood gains less than ``tol``. Each step
+    cannot lower the likelihood (for "full", the M-step adds ``TRANSITION_PSEUDO_COUNT``).
+
+    Parameters
+    ----------
+    distances : (N, K) class distances, out-of-fold (:func:`out_of_fold_distances`); in-sample
+        distances would fit an over-confident T.
+    log_prior : (K,) or (N, K) log class priors of the model(s) behind ``distances``.
+    labels : (N,) given labels as class indices into the K columns.
+    kind : transition model, see :class:`LabelNoise`.
+    """
+    d, prior, y = _validated(distances, log_prior, labels)
+    k = d.shape[1]
+    if kind == "none":
+        transition = np.eye(k)
+    elif kind in ("full", "uniform"):
+        transition = _uniform_transition(k, 0.1)
+    else:
+        raise ValueError(f"kind must be 'full', 'uniform' or 'none', got {kind!r}")
+    log_t, previous, ll = 0.0, -np.inf, -np.inf
+    for _ in range(max_rounds):
+        with np.errstate(divide="ignore"):
+            log_m = np.log(transition)
+        result = minimize_scalar(
+            lambda t, log_m=log_m: -_mean_log_likelihood(_log_posterior_rows(d, prior, float(np.exp(t))), log_m, y),
+            bounds=LOG_TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-4},
+        )  # fmt: skip
+        if -result.fun >= ll:  # the search is local: keep the old T if it found nothing better
+            log_t, ll = float(result.x), float(-result.fun)
+        if kind == "none":
+            break
+        log_p = _log_posterior_rows(d, prior, float(np.exp(log_t)))
+        for _ in range(10):
+            transition = _m_step(log_p, transition, y, kind)
+        with np.errstate(divide="ignore"):
+            ll = _mean_log_likelihood(log_p, np.log(transition), y)
+        if ll - previous < tol:
+            break
+        previous = ll
+    return LabelNoise(float(np.exp(log_t)), transition, float(ll), kind)
+
+
+def wrong_label_log_odds(log_probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) ``log(P(not g) / P(g))`` from (N, K) log class probabilities and (N,) given class
+    indices ``g``: the same order as ``1 - P(g)`` but without float saturation (``P(g)`` rounds
+    to exactly 1 for most samples of a sharp posterior, which would tie them all)."""
+    lp = np.asarray(log_probabilities, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    rows = np.arange(y.shape[0])
+    others = lp.copy()
+    others[rows, y] = -np.inf
+    return np.logaddexp.reduce(others, axis=1) - lp[rows, y]
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    """Per-sample label-issue fields.
+
+    Attributes:
+        probability: (N,) ``P(given label is wrong | z, given label)``.
+        log_odds: (N,) ``log(probability / (1 - probability))`` computed without saturation:
+            the ranking key (most likely issue first), also among probabilities that round to
+            0 or 1.
+        suggested: (N,) class index of the most likely true class.
+        suggested_probability: (N,) its posterior probability.
+        true_class_posterior: (N, K) ``r(y | z, g)``.
+        is_issue: (N,) ``probability >= threshold``.
+        threshold: the flagging threshold used.
+    """
+
+    probability: np.ndarray
+    log_odds: np.ndarray
+    suggested: np.ndarray
+    suggested_probability: np.ndarray
+    true_class_posterior: np.ndarray
+    is_issue: np.ndarray
+    threshold: float
+
+
+def label_issues(
+    distances: np.ndarray,
+    log_prior: np.ndarray,
+    labels: np.ndarray,
+    noise: LabelNoise,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> LabelIssues:
+    """Label-issue fields from (N, K) class ``distances`` (out-of-fold, as fitted), their
+    (K,) or (N, K) ``log_prior``, (N,) given ``labels`` (class indices) and a fitted
+    :class:`LabelNoise`."""
+    d, prior, y = _validated(distances, log_prior, labels)
+    if noise.transition.shape != (d.shape[1], d.shape[1]):
+        raise ValueError("the noise model was fitted for a different number of classes")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError("threshold must be in (0, 1]")
+    log_p = _log_posterior_rows(d, prior, noise.temperature)
+    with np.errstate(divide="ignore"):
+        log_r = log_p + np.log(noise.transition[:, y].T)
+    log_r -= np.logaddexp.reduce(log_r, axis=1, keepdims=True)
+    r = np.exp(log_r)
+    rows = np.arange(y.shape[0])
+    # 1 - r(g) through the other classes' sum: no cancellation when r(g) is close to 1.
+    others = r.copy()
+    others[rows, y] = 0.0
+    probability = np.clip(others.sum(axis=1), 0.0, 1.0)
+    suggested = r.argmax(axis=1)
+    return LabelIssues(
+        probability=probability,
+        log_odds=wrong_label_log_odds(log_r, y),
+        suggested=suggested,
+        suggested_probability=r[rows, suggested],
+        true_class_posterior=r,
+        is_issue=probability >= threshold,
+        threshold=float(threshold),
+    )
+
+
+@dataclass(frozen=True)
+class LabelIssueFit:
+    """Everything :func:`find_label_issues` computed: the fields, the calibration and the
+    out-of-fold distances (classes in ``out_of_fold.classes`` order)."""
+
+    issues: LabelIssues
+    noise: LabelNoise
+    out_of_fold: OutOfFold
+    shrinkage: float
+
+
+def find_label_issues(
+    stats: SufficientStatistics,
+    features: np.ndarray,
+    labels: Sequence[str],
+    folds: np.ndarray,
+    shrinkage: float,
+    kind: NoiseKind = "full",
+    threshold: float = DEFAULT_THRESHOLD,
+) -> LabelIssueFit:
+    """The whole estimator on arrays: out-of-fold distances at ``shrinkage``, the noise model
+    fitted on them, and the per-sample fields.
+
+    Parameters
+    ----------
+    stats : per-fold statistics of exactly these samples.
+    features : (N, D) the samples, in the space of ``stats``.
+    labels : (N,) given labels (strings, as in ``stats.classes``).
+    folds : (N,) folds of the samples (``assign_folds`` of their IDs).
+    shrinkage : rho of the tied covariance, e.g. ``select_shrinkage_by_log_loss(...).best``.
+    """
+    oof = out_of_fold_distances(stats, features, folds, shrinkage)
+    index = {c: i for i, c in enumerate(oof.classes)}
+    y = np.fromiter((index[str(c)] for c in labels), dtype=np.int64, count=len(labels))
+    noise = fit_label_noise(oof.distances, oof.log_prior, y, kind)
+    issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold)
+    return LabelIssueFit(issues, noise, oof, float(shrinkage))
+
+
+def _uniform_transition(k: int, eps: float) -> np.ndarray:
+    transition = np.full((k, k), eps / max(k - 1, 1))
+    np.fill_diagonal(transition, 1.0 - eps)
+    return transition
+
+
+def _mean_log_likelihood(log_p: np.ndarray, log_m: np.ndarray, y: np.ndarray) -> float:
+    """Mean over samples of ``log sum_y p(y | z_i) M[y, g_i]``."""
+    return float(logsumexp(log_p + log_m[:, y].T, axis=1).mean())
+
+
+def _m_step(log_p: np.ndarray, transition: np.ndarray, y: np.ndarray, kind: NoiseKind) -> np.ndarray:
+    """One EM update of M: responsibilities r_i(y) ∝ p(y | z_i) M[y, g_i], then counts."""
+    k = transition.shape[0]
+    with np.errstate(divide="ignore"):
+        joint = log_p + np.log(transition[:, y].T)
+    r = np.exp(joint - logsumexp(joint, axis=1, keepdims=True))
+    if kind == "uniform":
+        eps = float(np.clip(1.0 - r[np.arange(y.shape[0]), y].mean(), 1e-6, 1.0 - 1e-6))
+        return _uniform_transition(k, eps)
+    counts = np.full((k, k), TRANSITION_PSEUDO_COUNT)
+    np.add.at(counts.T, y, r)  # counts[:, g_i] += r_i
+    return counts / counts.sum(axis=1, keepdims=True)
+
+
+def _log_posterior_rows(distances: np.ndarray, log_prior: np.ndarray, temperature: float) -> np.ndarray:
+    if log_prior.ndim == 1:
+        return log_posterior(distances, log_prior, temperature)
+    logits = distances * (-0.5 / temperature) + log_prior
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+
+
+def _validated(distances, log_prior, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = np.asarray(distances, dtype=np.float64)
+    prior = np.asarray(log_prior, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if d.ndim != 2 or y.shape != (d.shape[0],):
+        raise ValueError(f"distances must be (N, K) and labels (N,), got {d.shape} and {y.shape}")
+    if prior.shape not in ((d.shape[1],), d.shape):
+        raise ValueError(f"log_prior must be (K,) or (N, K), got {prior.shape}")
+    if y.size and (y.min() < 0 or y.max() >= d.shape[1]):
+        raise ValueError("labels must be class indices in [0, K)")
+    if not np.isfinite(d).all():
+        raise ValueError("distances contain NaN or inf")
+    return d, prior, y
+
