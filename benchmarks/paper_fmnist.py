@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from trainer.data import ScoreTable  # noqa: E402
-from trainer.losses import difficulty_weights, resolve_temperature  # noqa: E402
 from trainer.train import TrainConfig, fmnist_train_indices  # noqa: E402
+from trainer.weights import DEFAULT_MAPPING, MAPPING_NAMES, map_scores  # noqa: E402
 
 METHOD_LABELS = {
     "ce": "Cross-entropy",
@@ -51,6 +51,7 @@ METHOD_LABELS = {
     "focal": "Focal loss",
     "er": "Constant ER (confidence penalty)",
     "difficulty": "Difficulty-aware ER (paper)",
+    "er-matched": "Constant ER at the difficulty-aware run's average penalty",
 }
 REPORTED = ("accuracy", "ece", "aurc", "nll", "adaptive_ece", "eaurc", "misclassification_auroc")
 
@@ -125,19 +126,28 @@ def _runs(args: argparse.Namespace, scores: np.ndarray) -> list[dict[str, Any]]:
     grid += [("ls", {"smoothing": v}) for v in args.ls_grid]
     grid += [("focal", {"gamma": v}) for v in args.focal_grid]
     grid += [("er", {"beta": v}) for v in args.er_grid]
+    matched = []
     for clip in args.clip_grid:
         quantile = None if clip == "none" else float(clip)
         table = ScoreTable([str(i) for i in range(len(scores))], scores)
         capped = (table if quantile is None else table.clipped(quantile)).scores
-        for alpha in args.alpha_grid:
-            for scale in args.t_grid:
-                # T as a multiple of the std of the dataset's (capped) scores; "auto" = 1 x std.
-                t = resolve_temperature(capped, "auto") * (1.0 if scale == "auto" else float(scale))
-                weights = difficulty_weights(capped, t)
+        for spec in args.mapping_grid:
+            # NAME or NAME:T; T "auto" (or none) = the mapping's default (exp-max: std).
+            name, _, t_text = spec.partition(":")
+            if name not in MAPPING_NAMES:
+                raise SystemExit(f"--mapping-grid: unknown mapping {name!r} ({', '.join(MAPPING_NAMES)})")
+            temperature: float | str = "auto" if t_text in ("", "auto") else float(t_text)
+            mapped = map_scores(capped, name, temperature=temperature)
+            for alpha in args.alpha_grid:
                 grid.append(("difficulty", {
-                    "alpha": alpha, "temperature": t, "t_scale": scale, "clip_quantile": quantile,
-                    "mean_weight": float(weights.mean()),
+                    "alpha": alpha, "mapping": name, "temperature": temperature,
+                    "t_resolved": mapped.params.get("temperature"), "clip_quantile": quantile,
+                    "mean_weight": mapped.mean_weight,
                 }))  # fmt: skip
+                # Constant ER at the same average penalty, for the matched comparison.
+                matched.append(("er", {"beta": alpha * mapped.mean_weight, "matched": True}))
+    if args.matched_er:
+        grid += list({json.dumps(p, sort_keys=True): (m, p) for m, p in matched}.values())
     grid = [(m, p) for m, p in grid if m in args.methods]
     # Seed-major: if the time budget runs out, every configuration has the same seeds done.
     return [
@@ -148,7 +158,7 @@ def _runs(args: argparse.Namespace, scores: np.ndarray) -> list[dict[str, Any]]:
 
 
 def _config(run: dict[str, Any], args: argparse.Namespace, scores_file: str | None) -> TrainConfig:
-    params = {k: v for k, v in run["params"].items() if k not in ("t_scale", "mean_weight")}
+    params = {k: v for k, v in run["params"].items() if k not in ("t_resolved", "mean_weight", "matched")}
     return TrainConfig(
         data="fmnist", fmnist_dir=args.fmnist_dir, train_subset=args.train_subset,
         val_size=args.val_size, test_subset=args.test_subset, model=args.model,
@@ -213,13 +223,13 @@ def _params_text(method: str, params: dict[str, Any]) -> str:
     if method == "focal":
         return f"gamma={params['gamma']}"
     if method == "er":
-        return f"beta={params['beta']}"
+        return f"beta={params['beta']:.3g}" + (" (matched to a difficulty-aware run)" if params.get("matched") else "")
     if method == "difficulty":
-        scale = params["t_scale"]
-        scale_text = "auto (1x std)" if scale == "auto" else f"{scale}x std"
+        t = params.get("t_resolved")
+        t_text = "" if t is None else f", T={t:.3g}" + (" (auto)" if params["temperature"] == "auto" else "")
         clip = params.get("clip_quantile")
-        clip_text = "no cap (SPEC)" if clip is None else f"cap at q{clip:g}"
-        return (f"alpha={params['alpha']}, T={scale_text} = {params['temperature']:.3g}, {clip_text}, "
+        clip_text = "" if clip is None else f", scores capped at q{clip:g}"
+        return (f"alpha={params['alpha']}, {params['mapping']}{t_text}{clip_text}, "
                 f"mean w={params.get('mean_weight', float('nan')):.2g}")  # fmt: skip
     return "-"
 
@@ -243,6 +253,7 @@ def summarise(results: list[dict[str, Any]], select_by: str) -> dict[str, Any]:
     lower_is_better = select_by not in ("accuracy", "misclassification_auroc")
     selected = {}
     for method in METHOD_LABELS:
+        # The matched ER runs compete in ER's own choice too (they are ER runs).
         candidates = [r for r in rows if r["method"] == method]
         if candidates:
             key = (
@@ -251,6 +262,12 @@ def summarise(results: list[dict[str, Any]], select_by: str) -> dict[str, Any]:
                 else (lambda r: -r["val_" + select_by])
             )
             selected[method] = min(candidates, key=key)
+    da = selected.get("difficulty")
+    if da is not None:
+        beta = da["params"]["alpha"] * da["params"]["mean_weight"]
+        for r in rows:
+            if r["method"] == "er" and r["params"].get("matched") and abs(r["params"]["beta"] - beta) < 1e-12:
+                selected["er-matched"] = r
     return {"grid": rows, "selected": selected}
 
 
@@ -267,7 +284,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     for method, row in summary["selected"].items():
         lines.append(
-            f"| {METHOD_LABELS[method]} | {_params_text(method, row['params'])} | {len(row['seeds'])} | "
+            f"| {METHOD_LABELS[method]} | {_params_text(row['method'], row['params'])} | {len(row['seeds'])} | "
             f"{cell(row['accuracy'], 100, 2)} | {cell(row['ece'], 100, 2)} | "
             f"{cell(row['aurc'], 1000, 2)} | {cell(row['nll'], 1, 4)} |"
         )
@@ -302,6 +319,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         "focal": "tab:orange",
         "er": "tab:purple",
         "difficulty": "tab:red",
+        "er-matched": "tab:pink",
     }
     colors = [palette[m] for m in selected]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
@@ -362,7 +380,9 @@ def run(args: argparse.Namespace) -> None:
             "focal": args.focal_grid,
             "er": args.er_grid,
             "alpha": args.alpha_grid,
-            "t_scale": args.t_grid,
+            "mappings": args.mapping_grid,
+            "clip": args.clip_grid,
+            "matched_er": args.matched_er,
         },  # fmt: skip
     }
     table = markdown(summary, meta)
@@ -469,12 +489,14 @@ def main() -> None:
     r.add_argument("--ls-grid", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     r.add_argument("--focal-grid", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     r.add_argument("--er-grid", type=float, nargs="+", default=[0.1, 0.3, 1.0])
-    r.add_argument("--alpha-grid", type=float, nargs="+", default=[0.1, 0.3, 1.0])
-    r.add_argument(
-        "--t-grid", nargs="+", default=["auto", "2", "4"], help="T as multiples of the score std"
-    )
+    r.add_argument("--alpha-grid", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    r.add_argument("--mapping-grid", nargs="+", default=[DEFAULT_MAPPING],
+                   help="weight mappings as NAME or NAME:T (T 'auto' = the mapping's default), "
+                        f"e.g. rank:0.3 exp-max:auto; default: {DEFAULT_MAPPING} at its default T")  # fmt: skip
     r.add_argument("--clip-grid", nargs="+", default=["none"],
-                   help="score caps for the difficulty-aware weights: 'none' (SPEC) or quantiles")  # fmt: skip
+                   help="score caps before the mapping: 'none' or quantiles (e.g. 0.99)")  # fmt: skip
+    r.add_argument("--no-matched-er", dest="matched_er", action="store_false",
+                   help="skip constant ER at each difficulty-aware run's average penalty")  # fmt: skip
     r.add_argument("--methods", nargs="+", default=list(METHOD_LABELS), choices=list(METHOD_LABELS))
     r.add_argument(
         "--select-by", default="nll", choices=("nll", "ece", "accuracy", "aurc", "brier")

@@ -54,6 +54,40 @@ def test_offline_scores_and_missing_policy(folders, capsys):
     report = json.loads((folders / "out" / "report.json").read_text())
     assert report["scores"]["missing"] == 2 and report["scores"]["temperature"] == 2.0
     assert report["metrics"]["ood_auroc"] is not None
+    # The default mapping, its resolved parameters, and the mean weight over the 16 samples
+    # trained on (14 rank weights, 2 zero-weight ones), with the matching constant-ER beta.
+    s = report["scores"]
+    assert s["mapping"] == "rank" and s["mapping_params"] == {"temperature": 2.0}
+    ranks = np.arange(1, 15) / 14  # the 14 scores 0..13 are distinct
+    assert s["mean_weight"] == pytest.approx(np.exp((ranks - 1) / 2.0).sum() / 16, rel=1e-6)
+    assert s["matched_er_beta"] == pytest.approx(0.3 * s["mean_weight"])
+
+
+def png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width field
+
+
+def test_compare_ce_side_by_side(folders, capsys):
+    ids = [f"{c}/{i}.png" for c in ("dark", "light") for i in range(8)]
+    write_scores(folders / "s.parquet", ids, [i.split("/")[0] for i in ids])
+    assert run(folders, "--loss", "difficulty", "--scores-file", str(folders / "s.parquet"),
+               "--mapping", "quantile", "--quantile-low", "0.1", "--quantile-high", "0.9",
+               "--ood", "none") == 0  # fmt: skip
+    single = png_width(folders / "out" / "reliability.png")
+    assert run(folders, "--loss", "difficulty", "--scores-file", str(folders / "s.parquet"),
+               "--mapping", "quantile", "--quantile-low", "0.1", "--quantile-high", "0.9",
+               "--ood", "none", "--compare", "ce") == 0  # fmt: skip
+    report = json.loads((folders / "out" / "report.json").read_text())
+    assert report["scores"]["mapping"] == "quantile"
+    assert report["scores"]["mapping_params"]["low"] == 0.1
+    assert report["compare"]["ce"]["config"]["loss"] == "ce"
+    assert set(report["compare"]["ce"]["metrics"]) == set(report["metrics"])
+    assert png_width(folders / "out" / "reliability.png") > 1.8 * single  # two panels
+    assert '"compare": "ce"' in capsys.readouterr().out
+    # A parameter the mapping does not take is an error, not silently ignored.
+    assert run(folders, "--loss", "difficulty", "--scores-file", str(folders / "s.parquet"),
+               "--mapping", "rank", "--quantile-low", "0.1") == 2  # fmt: skip
+    assert "takes temperature" in capsys.readouterr().err
 
 
 def test_errors_exit_2(folders, capsys):

@@ -1,14 +1,12 @@
-"""DifficultyClient against a tiny in-test HTTP server speaking the service's wire contract:
-bulk Arrow scores, caching per fit, retries with backoff, and the typed errors."""
+"""DifficultyClient against a fake of the service's wire contract (an ``httpx.MockTransport``):
+bulk Arrow scores, caching per fit, retries with backoff, and the typed errors. One test keeps a
+real socket: a refused connection. About 1 s in all."""
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
 
+import httpx
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
@@ -56,73 +54,63 @@ class FakeService:
         self.refit_before_scores: str | None = None
 
 
-def make_handler(state: FakeService) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:  # keep test output clean
-            pass
+def make_transport(state: FakeService) -> httpx.MockTransport:
+    """The fake service as an httpx transport: the client's own request and response handling
+    (headers, status codes, Arrow bodies, retries) runs for real, without a socket in between;
+    the process boundary is the end-to-end test's business (tests/test_trainer_e2e.py)."""
 
-        def _json(self, status: int, body: object) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def json_response(status: int, body: object) -> httpx.Response:
+        return httpx.Response(status, json=body)
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            url = urlparse(self.path)
-            state.log.append(url.path + ("?" + url.query if url.query else ""))
-            if state.fail_next > 0:
-                state.fail_next -= 1
-                return self._json(503, {"detail": "try again"})
-            if self.headers.get("Authorization") != f"Bearer {KEY}":
-                return self._json(401, {"detail": "missing or unknown API key"})
-            parts = url.path.strip("/").split("/")
-            if len(parts) < 3 or parts[:2] != ["v1", "datasets"] or parts[2] not in state.fits:
-                return self._json(404, {"detail": "dataset not found"})
-            fit = state.fits[parts[2]]
-            if len(parts) == 3:
-                body = {"id": parts[2], "name": parts[2], "encoder": "precomputed", "num_items": 3}
-                body["fit"] = (
-                    None if fit is None else {"id": fit, "created_at": "2026-01-01T00:00:00Z"}
-                )
-                return self._json(200, body)
-            if parts[3:] == ["scores"] and "format=arrow" in url.query:
-                if state.refit_before_scores is not None:
-                    fit = state.fits[parts[2]] = state.refit_before_scores
-                    state.refit_before_scores = None
-                if fit is None:
-                    return self._json(409, {"detail": "dataset is not fitted yet"})
-                data = scores_stream(fit)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/vnd.apache.arrow.stream")
-                self.send_header("X-Fit-Id", fit)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return None
-            return self._json(404, {"detail": "no route"})
+    def handle(request: httpx.Request) -> httpx.Response:
+        url = request.url
+        query = url.query.decode()
+        state.log.append(url.path + ("?" + query if query else ""))
+        if request.method != "GET":
+            return json_response(405, {"detail": "method not allowed"})
+        if state.fail_next > 0:
+            state.fail_next -= 1
+            return json_response(503, {"detail": "try again"})
+        if request.headers.get("Authorization") != f"Bearer {KEY}":
+            return json_response(401, {"detail": "missing or unknown API key"})
+        parts = url.path.strip("/").split("/")
+        if len(parts) < 3 or parts[:2] != ["v1", "datasets"] or parts[2] not in state.fits:
+            return json_response(404, {"detail": "dataset not found"})
+        fit = state.fits[parts[2]]
+        if len(parts) == 3:
+            body: dict[str, object] = {"id": parts[2], "name": parts[2], "encoder": "precomputed",
+                                       "num_items": 3}  # fmt: skip
+            body["fit"] = None if fit is None else {"id": fit, "created_at": "2026-01-01T00:00:00Z"}
+            return json_response(200, body)
+        if parts[3:] == ["scores"] and "format=arrow" in query:
+            if state.refit_before_scores is not None:
+                fit = state.fits[parts[2]] = state.refit_before_scores
+                state.refit_before_scores = None
+            if fit is None:
+                return json_response(409, {"detail": "dataset is not fitted yet"})
+            return httpx.Response(
+                200, content=scores_stream(fit),
+                headers={"Content-Type": "application/vnd.apache.arrow.stream", "X-Fit-Id": fit},
+            )  # fmt: skip
+        return json_response(404, {"detail": "no route"})
 
-    return Handler
+    return httpx.MockTransport(handle)
 
 
 @pytest.fixture()
 def service():
     state = FakeService()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield state
-    server.shutdown()
-    server.server_close()
+    state.base_url = "http://difficulty.test"
+    state.transport = make_transport(state)
+    return state
 
 
 def client_for(service, tmp_path, key=KEY, **kw) -> DifficultyClient:
     sleeps: list[float] = []
     client = DifficultyClient(
-        service.base_url, key, cache_dir=tmp_path / "cache", sleep=sleeps.append, **kw
-    )
+        service.base_url, key, cache_dir=tmp_path / "cache", sleep=sleeps.append,
+        transport=service.transport, **kw,
+    )  # fmt: skip
     client.sleeps = sleeps  # type: ignore[attr-defined]
     return client
 

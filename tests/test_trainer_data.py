@@ -22,6 +22,7 @@ from trainer.data import (
     read_table,
 )
 from trainer.fmnist import read_idx
+from trainer.weights import RANK_T
 
 
 def table(ids, scores, labels=None) -> pa.Table:
@@ -52,14 +53,26 @@ def test_join_by_id_weights_over_whole_table(folder):
     scores = ScoreTable.from_arrow(
         table(["dog/003.png", "cat/001.png", "x/other.png", "cat/002.png"], [1.0, 0.0, 3.0, 2.0])
     )
-    ds = ScoredDataset(folder, image_folder_sample_ids(folder), scores, temperature=1.0)
+    ds = ScoredDataset(folder, image_folder_sample_ids(folder), scores, mapping="exp-max",
+                       temperature=1.0)  # fmt: skip
     assert ds.weights.tolist() == pytest.approx(np.exp([0.0 - 3, 2.0 - 3, 1.0 - 3]).tolist())
     x, y, index = ds[2]
     assert x.shape == (3, 4, 4) and y == 1 and index == 2
     batch = next(iter(DataLoader(ds, batch_size=3)))
     assert batch[2].tolist() == [0, 1, 2]
-    auto = ScoredDataset(folder, image_folder_sample_ids(folder), scores)
+    auto = ScoredDataset(folder, image_folder_sample_ids(folder), scores, mapping="exp-max")
     assert auto.temperature == pytest.approx(np.std([1.0, 0.0, 3.0, 2.0]))
+    # The default (rank) mapping, also over the whole table: ranks of 1, 0, 2 among 0..3 are
+    # 2, 1, 3 of N = 4; T = its default.
+    rank = ScoredDataset(folder, image_folder_sample_ids(folder), scores)
+    assert rank.weight_mapping.mapping == "rank" and rank.temperature == RANK_T
+    assert rank.weights.tolist() == pytest.approx(
+        np.exp((np.array([1.0, 3.0, 2.0]) / 4 - 1) / RANK_T).tolist(), rel=1e-6
+    )
+    quantile = ScoredDataset(folder, image_folder_sample_ids(folder), scores, mapping="quantile",
+                             mapping_params={"low": 0.0, "high": 1.0})  # fmt: skip
+    assert quantile.temperature is None
+    assert quantile.weights.tolist() == pytest.approx([0.0, 2 / 3, 1 / 3], rel=1e-6)
 
 
 def test_missing_policies(folder):
@@ -67,10 +80,11 @@ def test_missing_policies(folder):
     scores = ScoreTable.from_arrow(table(["cat/001.png", "dog/003.png"], [0.0, 1.0]))
     with pytest.raises(KeyError, match=r"1 of 3 samples.*cat/002.png"):
         ScoredDataset(folder, ids, scores)
-    dropped = ScoredDataset(folder, ids, scores, missing="drop", temperature=1.0)
+    dropped = ScoredDataset(folder, ids, scores, missing="drop", mapping="exp-max", temperature=1.0)
     assert len(dropped) == 2 and dropped.sample_ids == ["cat/001.png", "dog/003.png"]
     assert dropped[1][1] == 1  # the dog, through the position map
-    zero = ScoredDataset(folder, ids, scores, missing="zero-weight", temperature=1.0)
+    zero = ScoredDataset(folder, ids, scores, missing="zero-weight", mapping="exp-max",
+                         temperature=1.0)  # fmt: skip
     assert len(zero) == 3 and zero.weights.tolist() == pytest.approx([np.exp(-1.0), 0.0, 1.0])
     assert zero.num_missing == 1
     with pytest.raises(ValueError):
@@ -133,11 +147,11 @@ def test_idx_reader():
 
 def test_clipped_scores_anchor_weights_at_a_quantile():
     scores = ScoreTable([str(i) for i in range(5)], [0.0, 1.0, 2.0, 3.0, 1000.0])
-    plain = scores.weights_for(["0", "3"], 1.0)
+    plain = scores.weights_for(["0", "3"], "exp-max", temperature=1.0)
     assert plain[1] == pytest.approx(np.exp(-997.0))  # the outlier owns the anchor
     capped = scores.clipped(0.75)  # quantile 0.75 of the five scores = 3.0
     assert capped.scores.tolist() == [0.0, 1.0, 2.0, 3.0, 3.0]
-    assert capped.weights_for(["0", "3", "4"], 1.0).tolist() == pytest.approx(
+    assert capped.weights_for(["0", "3", "4"], "exp-max", temperature=1.0).tolist() == pytest.approx(
         [np.exp(-3.0), 1.0, 1.0]
     )
     with pytest.raises(ValueError):

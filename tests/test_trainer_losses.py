@@ -14,7 +14,6 @@ from trainer.losses import (
     FocalLoss,
     LabelSmoothingLoss,
     build_loss,
-    difficulty_weights,
     entropy,
 )
 
@@ -59,23 +58,12 @@ def test_confidence_penalty():
     assert per.tolist() == pytest.approx([-math.log(0.75) - 0.5 * H_75, LN2 - 0.5 * LN2])
 
 
-def test_difficulty_weights_formula():
-    assert difficulty_weights([0.0, 1.0, 2.0], 1.0) == pytest.approx(np.exp([-2.0, -1.0, 0.0]))
-    t = math.sqrt(2.0 / 3.0)  # population std of (0, 1, 2)
-    assert difficulty_weights([0.0, 1.0, 2.0], "auto") == pytest.approx(
-        np.exp(np.array([-2.0, -1.0, 0.0]) / t)
-    )
-    assert difficulty_weights([5.0, 5.0], "auto").tolist() == [1.0, 1.0]
-    for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError):
-            difficulty_weights([0.0, 1.0], bad)
-    with pytest.raises(ValueError):
-        difficulty_weights([0.0, float("inf")], 1.0)
-
-
 def test_difficulty_aware_loss_looks_up_by_index():
-    # scores (0, 1, 2), T = 1 -> weights (e^-2, e^-1, 1); batch = samples 2 and 0.
-    loss = DifficultyAwareLoss.from_scores([0.0, 1.0, 2.0], alpha=0.5, temperature=1.0).double()
+    # scores (0, 1, 2), original mapping with T = 1 -> weights (e^-2, e^-1, 1); batch = samples
+    # 2 and 0. (The mappings themselves: tests/test_trainer_weights.py.)
+    loss = DifficultyAwareLoss.from_scores(
+        [0.0, 1.0, 2.0], alpha=0.5, mapping="exp-max", temperature=1.0
+    ).double()
     per = loss.per_sample(LOGITS, TARGETS, torch.tensor([2, 0]))
     expected = [-math.log(0.75) - 0.5 * 1.0 * H_75, LN2 - 0.5 * math.exp(-2.0) * LN2]
     assert per.tolist() == pytest.approx(expected, rel=1e-6)

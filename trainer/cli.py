@@ -2,7 +2,7 @@
 
 Examples:
   difficulty-train --data fmnist --loss difficulty --service-url http://127.0.0.1:8000 \\
-      --dataset-id 3f2a... --alpha 0.5 --temperature auto --epochs 10 -o runs/da
+      --dataset-id 3f2a... --mapping rank --alpha 1 --epochs 10 --compare ce -o runs/da
   difficulty-train --data ./images/train --test-data ./images/test --model resnet18 \\
       --loss difficulty --scores-file scores.parquet -o runs/da
 """
@@ -16,9 +16,10 @@ import os
 import sys
 
 from trainer.data import MISSING_POLICIES
-from trainer.losses import LOSS_NAMES
+from trainer.losses import DEFAULT_ALPHA, LOSS_NAMES
 from trainer.models import MODEL_NAMES
-from trainer.train import TrainConfig, train
+from trainer.train import TrainConfig, train_with_comparison
+from trainer.weights import DEFAULT_MAPPING, MAPPING_NAMES, RANK_T
 
 
 def _temperature(value: str) -> float | str:
@@ -77,9 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     lo = p.add_argument_group("loss")
     lo.add_argument("--loss", choices=LOSS_NAMES, default="difficulty",
                     help="ce, ls (label smoothing), focal, er (constant entropy regularisation), difficulty")  # fmt: skip
-    lo.add_argument("--alpha", type=float, default=1.0, help="difficulty-aware: entropy weight")
+    lo.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                    help=f"difficulty-aware: entropy weight (default {DEFAULT_ALPHA:g})")  # fmt: skip
+    lo.add_argument("--mapping", choices=MAPPING_NAMES, default=DEFAULT_MAPPING,
+                    help=f"difficulty-aware: scores -> weights in [0, 1] (default {DEFAULT_MAPPING}): "
+                         "rank exp((rank/N - 1)/T), quantile (min-max between quantiles), robust-sigmoid, "
+                         "exp-max (the original exp((s - max s)/T), degenerate on heavy-tailed scores)")  # fmt: skip
     lo.add_argument("--temperature", "-T", type=_temperature, default="auto",
-                    help="difficulty-aware: T of w = exp((s - max s)/T); 'auto' = std of the scores")  # fmt: skip
+                    help=f"the mapping's T; 'auto' = its default (rank {RANK_T:g}, robust-sigmoid 1, "
+                         "exp-max the std of the scores)")  # fmt: skip
+    lo.add_argument("--quantile-low", type=float, help="quantile mapping: lower cap (default 0.05)")
+    lo.add_argument("--quantile-high", type=float, help="quantile mapping: upper cap (default 0.95)")
+    lo.add_argument("--compare", nargs="*", default=[], choices=LOSS_NAMES, metavar="LOSS",
+                    help="also train these losses (e.g. ce) on the same data and seed: their metrics "
+                         "in the report, reliability diagrams side by side")  # fmt: skip
     lo.add_argument("--smoothing", type=float, default=0.1, help="label smoothing epsilon")
     lo.add_argument("--gamma", type=float, default=3.0, help="focal loss gamma")
     lo.add_argument(
@@ -99,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--score-column", default="rmd", help="rmd (default) or rmd_min")
     s.add_argument("--clip-quantile", type=float, default=None,
-                   help="opt-in: cap scores at this quantile (e.g. 0.99) before computing weights; "
-                        "default: SPEC's formula anchored at the single hardest sample")  # fmt: skip
+                   help="opt-in: cap scores at this quantile (e.g. 0.99) before the mapping "
+                        "(matters for exp-max; rank needs no cap)")  # fmt: skip
     s.add_argument("--missing-scores", choices=MISSING_POLICIES, default="error",
                    help="samples without a score: error (default), drop, or zero-weight (plain CE)")  # fmt: skip
     s.add_argument("--cache-dir", help="score cache (default ~/.cache/difficulty-trainer)")
@@ -125,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size, grayscale=args.grayscale, augment=args.augment, ood=args.ood,
         model=args.model, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-        loss=args.loss, alpha=args.alpha, temperature=args.temperature, smoothing=args.smoothing,
+        loss=args.loss, alpha=args.alpha, mapping=args.mapping, temperature=args.temperature,
+        quantile_low=args.quantile_low, quantile_high=args.quantile_high, smoothing=args.smoothing,
         gamma=args.gamma, beta=args.beta, service_url=args.service_url, dataset_id=args.dataset_id,
         api_key=args.api_key, scores_file=args.scores_file, score_column=args.score_column, clip_quantile=args.clip_quantile,
         missing=args.missing_scores, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
@@ -135,15 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.client import DifficultyClientError
 
     try:
-        report = train(cfg)
+        report = train_with_comparison(cfg, args.compare)
     except (DifficultyClientError, ValueError, KeyError, FileNotFoundError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"difficulty-train: error: {message}", file=sys.stderr)
         return 2
-    summary = {
-        k: (round(v, 4) if isinstance(v, float) else v) for k, v in report["metrics"].items()
-    }
-    print(json.dumps(summary))
+    def rounded(metrics: dict) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+    print(json.dumps(rounded(report["metrics"])))
+    for name, other in report.get("compare", {}).items():
+        print(json.dumps({"compare": name, **rounded(other["metrics"])}))
     print(f"wrote {os.path.join(args.output_dir, 'report.json')} and reliability.png")
     return 0
 

@@ -1,6 +1,6 @@
 """HTTP client for the difficulty service: a dataset's scores by ID, cached per fit.
 
-The trainer never imports ``service``; it shares only the wire format (SPEC section 3). Scores
+The trainer never imports ``service``; it shares only the wire format (docs/api.md). Scores
 are fetched in bulk as an Arrow IPC stream and cached on disk under the dataset ID and the fit
 ID, so a second training run costs one small metadata request, and a dataset fitted again (new
 fit ID) is fetched again automatically.

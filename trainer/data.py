@@ -4,7 +4,8 @@ The service identifies samples by ID: for an uploaded ImageFolder archive, the p
 archive (``cat/001.png``), which is the path relative to the folder's root here; for uploaded
 embeddings, the IDs sent with them (default: the row index as text). :class:`ScoredDataset`
 wraps any map-style dataset, yields ``(x, y, index)`` and holds the per-sample weight table that
-:class:`trainer.losses.DifficultyAwareLoss` indexes with ``index``.
+:class:`trainer.losses.DifficultyAwareLoss` indexes with ``index`` (weights by a named mapping of
+:mod:`trainer.weights`, computed over the whole score table once).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
-from trainer.losses import Temperature, difficulty_weights, resolve_temperature
+from trainer.weights import DEFAULT_MAPPING, Temperature, WeightMapping, map_scores
 
 MissingPolicy = Literal["error", "drop", "zero-weight"]
 MISSING_POLICIES: tuple[str, ...] = ("error", "drop", "zero-weight")
@@ -72,33 +73,35 @@ class ScoreTable:
         return len(self.sample_ids)
 
     def clipped(self, quantile: float) -> ScoreTable:
-        """Scores capped at their ``quantile`` (an opt-in extension of SPEC's weights).
+        """Scores capped at their ``quantile`` (opt-in, before any mapping).
 
-        Why: ``w = exp((s - max s) / T)`` is anchored at the single hardest sample. On real
-        features RMD is heavy-tailed (Fashion-MNIST + EfficientNet-Lite0: median -4, 99th
-        percentile 49, max 3848, std 22), so with T = std every weight but one is ~0 and the loss
-        is plain CE. Capping at e.g. the 99th percentile anchors the weights at "hard", not at
-        the one outlier.
+        Why it exists: the original ``exp-max`` mapping is anchored at the single hardest
+        sample, and real RMD is heavy-tailed (Fashion-MNIST + EfficientNet-Lite0: median -4,
+        99th percentile 49, max 3,848), so a cap at e.g. the 99th percentile anchors it at
+        "hard" instead of at the outlier. The rank mapping (the default) needs no cap.
         """
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"clip quantile must be in (0, 1], got {quantile}")
         cap = float(np.quantile(self.scores, quantile))
         return ScoreTable(self.sample_ids, np.minimum(self.scores, cap), self.labels)
 
-    def temperature(self, temperature: Temperature = "auto") -> float:
-        """T over the whole dataset's scores ("auto": their std), never per batch or subset."""
-        return resolve_temperature(self.scores, temperature)
+    def weight_mapping(self, mapping: str = DEFAULT_MAPPING, **params: Any) -> WeightMapping:
+        """The weights of the whole table (every rank, quantile or maximum is taken over all of
+        its scores, never per batch or subset), with the resolved parameters."""
+        return map_scores(self.scores, mapping, **params)
 
     def weights_for(
-        self, sample_ids: Sequence[str], temperature: Temperature = "auto"
+        self, sample_ids: Sequence[str], mapping: str = DEFAULT_MAPPING, **params: Any
     ) -> np.ndarray:
-        """:func:`difficulty_weights` of the whole table (max and T over all of it), picked for
-        ``sample_ids``; NaN where absent."""
-        weights = difficulty_weights(self.scores, temperature)
+        """:meth:`weight_mapping`'s weights picked for ``sample_ids``; NaN where absent."""
+        return self.pick(self.weight_mapping(mapping, **params).weights, sample_ids)
+
+    def pick(self, values: np.ndarray, sample_ids: Sequence[str]) -> np.ndarray:
+        """``values`` (one per table row) for ``sample_ids``, in their order; NaN where absent."""
         rows = np.array([self.row.get(str(s), -1) for s in sample_ids], dtype=np.int64)
         out = np.full(len(rows), np.nan)
         found = rows >= 0
-        out[found] = weights[rows[found]]
+        out[found] = np.asarray(values, dtype=np.float64)[rows[found]]
         return out
 
 
@@ -130,7 +133,9 @@ class ScoredDataset(Dataset):
     """``base`` (any map-style dataset yielding ``(x, y)``) joined with scores by sample ID.
 
     Yields ``(x, y, index)``: ``index`` is the position in this wrapper and keys
-    :attr:`weights`. Samples the table does not know follow ``missing``:
+    :attr:`weights`, made by ``mapping`` (:mod:`trainer.weights`) with ``temperature`` ("auto":
+    the mapping's default) and any other ``mapping_params`` (e.g. quantile ``low``/``high``);
+    :attr:`weight_mapping` records what was used. Samples the table does not know follow ``missing``:
     ``"error"`` (default) raises, listing some of them; ``"drop"`` leaves them out;
     ``"zero-weight"`` keeps them with weight 0, i.e. plain cross-entropy for them.
     With ``base_labels`` (label names per base sample) a label that differs from the one the
@@ -143,7 +148,9 @@ class ScoredDataset(Dataset):
         sample_ids: Sequence[str],
         scores: ScoreTable,
         *,
+        mapping: str = DEFAULT_MAPPING,
         temperature: Temperature = "auto",
+        mapping_params: dict[str, Any] | None = None,
         missing: MissingPolicy = "error",
         base_labels: Sequence[str] | None = None,
     ) -> None:
@@ -152,7 +159,10 @@ class ScoredDataset(Dataset):
         if len(sample_ids) != len(base):  # type: ignore[arg-type]
             raise ValueError(f"{len(sample_ids)} sample IDs for a dataset of {len(base)} samples")  # type: ignore[arg-type]
         self.base = base
-        weights = scores.weights_for(sample_ids, temperature)
+        self.weight_mapping = scores.weight_mapping(
+            mapping, temperature=temperature, **(mapping_params or {})
+        )
+        weights = scores.pick(self.weight_mapping.weights, sample_ids)
         absent = np.flatnonzero(np.isnan(weights))
         self.num_missing = len(absent)
         if len(absent) and missing == "error":
@@ -169,7 +179,8 @@ class ScoredDataset(Dataset):
         self.positions = keep
         self.sample_ids = [str(sample_ids[i]) for i in keep]
         self.weights = np.nan_to_num(weights[keep], nan=0.0).astype(np.float32)
-        self.temperature = scores.temperature(temperature)
+        # The resolved temperature (None for mappings without one, e.g. quantile).
+        self.temperature: float | None = self.weight_mapping.params.get("temperature")
         if base_labels is not None and scores.labels is not None:
             _check_labels(self.sample_ids, [base_labels[i] for i in keep], scores)
 

@@ -4,22 +4,26 @@
 only the difficulty-aware loss uses them, the others accept and ignore them so a training loop
 can swap losses without changing a line.
 
-Difficulty-aware entropy regularisation (SPEC section 2, Cui et al. 2023): per sample
-``CE(p_i, y_i) - alpha * w_i * H(p_i)`` with ``w_i = exp((s_i - max_j s_j) / T)``; hard samples
-(large score s) get their predictive entropy pushed up, i.e. their over-confidence penalised.
+Difficulty-aware entropy regularisation (Cui et al. 2023; docs/method.md): per sample
+``CE(p_i, y_i) - alpha * w_i * H(p_i)`` with ``w_i = g(s_i)`` in [0, 1] from the difficulty
+scores (:mod:`trainer.weights`; default: rank-based); hard samples (large score s) get their
+predictive entropy pushed up, i.e. their over-confidence penalised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Temperature = float | Literal["auto"]
+from trainer.weights import DEFAULT_MAPPING, difficulty_weights
+
+# The default strength: chosen with the default mapping on validation data (docs/trainer.md).
+DEFAULT_ALPHA = 1.0
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -27,34 +31,6 @@ def entropy(logits: Tensor) -> Tensor:
     saturated logits give 0 (not NaN from ``0 * log 0``)."""
     log_p = F.log_softmax(logits, dim=-1)
     return -(log_p.exp() * log_p).sum(dim=-1)
-
-
-def difficulty_weights(
-    scores: Sequence[float] | np.ndarray, temperature: Temperature = "auto"
-) -> np.ndarray:
-    """``w_i = exp((s_i - max_j s_j) / T)`` in (0, 1]; ``"auto"``: T = std of all the scores.
-
-    Computed over the whole dataset once (not per batch), so a sample's weight does not depend
-    on which other samples share its batch. Same convention as the service's weights.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or s.size == 0:
-        raise ValueError("scores must be a non-empty 1-d array")
-    if not np.isfinite(s).all():
-        raise ValueError("scores contain NaN or inf")
-    t = resolve_temperature(s, temperature)
-    return np.exp((s - s.max()) / t)
-
-
-def resolve_temperature(scores: np.ndarray, temperature: Temperature) -> float:
-    if temperature == "auto":
-        t = float(np.asarray(scores, dtype=np.float64).std())
-        # All scores equal: every sample is as hard as the hardest, weight 1 (any T gives that).
-        return t if t > 0 else 1.0
-    t = float(temperature)
-    if not np.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a positive number or 'auto', got {temperature!r}")
-    return t
 
 
 class SampleLoss(nn.Module):
@@ -150,7 +126,9 @@ class DifficultyAwareLoss(SampleLoss):
 
     weights: Tensor
 
-    def __init__(self, weights: Tensor | np.ndarray | Sequence[float], alpha: float = 1.0) -> None:
+    def __init__(
+        self, weights: Tensor | np.ndarray | Sequence[float], alpha: float = DEFAULT_ALPHA
+    ) -> None:
         super().__init__()
         w = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         if w.ndim != 1 or w.numel() == 0:
@@ -166,11 +144,13 @@ class DifficultyAwareLoss(SampleLoss):
     def from_scores(
         cls,
         scores: Sequence[float] | np.ndarray,
-        alpha: float = 1.0,
-        temperature: Temperature = "auto",
+        alpha: float = DEFAULT_ALPHA,
+        mapping: str = DEFAULT_MAPPING,
+        **params: Any,
     ) -> DifficultyAwareLoss:
-        """Weights from the scores of every training sample, in training-set order."""
-        return cls(difficulty_weights(scores, temperature), alpha=alpha)
+        """Weights from the scores of every training sample, in training-set order, by the
+        named mapping of :mod:`trainer.weights` (``params``: its temperature or quantiles)."""
+        return cls(difficulty_weights(scores, mapping, **params), alpha=alpha)
 
     def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
         if indices is None:
@@ -194,7 +174,7 @@ def build_loss(
     smoothing: float = 0.1,
     gamma: float = 3.0,
     beta: float = 0.1,
-    alpha: float = 1.0,
+    alpha: float = DEFAULT_ALPHA,
     weights: np.ndarray | None = None,
 ) -> SampleLoss:
     """Loss by its command-line name; ``weights`` (one per training sample) for ``difficulty``."""

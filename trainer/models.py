@@ -1,12 +1,31 @@
-"""Classifiers: a small CNN for quick runs, ResNet-18/34 in the CIFAR form (3x3 stem, no
-max-pool) as in the paper's small-image experiments."""
+"""Classifiers: an MLP on raw pixels and a small CNN for quick runs, ResNet-18/34 in the CIFAR
+form (3x3 stem, no max-pool) as in the paper's small-image experiments."""
 
 from __future__ import annotations
 
 from torch import nn
 from torchvision.models import resnet18, resnet34
 
-MODEL_NAMES = ("small-cnn", "resnet18", "resnet34")
+MODEL_NAMES = ("mlp", "small-cnn", "resnet18", "resnet34")
+
+
+class MLP(nn.Module):
+    """Raw pixels -> two hidden ReLU layers -> classes. Over-fits small or noisy training sets
+    readily (the over-confident regimes of docs/trainer.md); seconds per epoch on CPU."""
+
+    def __init__(self, in_features: int, num_classes: int = 10, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)
 
 
 class SmallCNN(nn.Module):
@@ -44,7 +63,10 @@ def cifar_resnet(depth: int, in_channels: int = 3, num_classes: int = 10) -> nn.
     return model
 
 
-def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int = 28) -> nn.Module:
+    """``image_size`` (the side of the square inputs) matters only for the MLP."""
+    if name == "mlp":
+        return MLP(in_channels * image_size * image_size, num_classes)
     if name == "small-cnn":
         return SmallCNN(in_channels, num_classes)
     if name == "resnet18":

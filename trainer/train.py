@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ from trainer.data import (
     image_folder_sample_ids,
     read_table,
 )
-from trainer.losses import build_loss
+from trainer.losses import DEFAULT_ALPHA, build_loss
 from trainer.models import build_model
+from trainer.weights import DEFAULT_MAPPING
 
 # Fashion-MNIST training-set statistics (normalising with them is standard and leaks nothing).
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
@@ -63,8 +64,11 @@ class TrainConfig:
     smoothing: float = 0.1
     gamma: float = 3.0
     beta: float = 0.1
-    alpha: float = 1.0
-    temperature: float | str = "auto"
+    alpha: float = DEFAULT_ALPHA
+    mapping: str = DEFAULT_MAPPING  # trainer.weights: rank, quantile, robust-sigmoid, exp-max
+    temperature: float | str = "auto"  # the mapping's T; "auto" = its documented default
+    quantile_low: float | None = None  # the quantile mapping's caps (None = its defaults)
+    quantile_high: float | None = None
     score_column: str = "rmd"
     clip_quantile: float | None = None  # opt-in: cap scores at this quantile before weighting
     service_url: str | None = None
@@ -157,6 +161,11 @@ def _label_strings(
     if seen <= {str(i) for i in range(len(names))}:
         return [str(t) for t in targets]
     return None
+
+
+def mapping_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The quantile mapping's caps, when set (the temperature travels on its own)."""
+    return {k: v for k, v in (("low", cfg.quantile_low), ("high", cfg.quantile_high)) if v is not None}
 
 
 def load_scores(cfg: TrainConfig) -> tuple[ScoreTable, dict[str, Any]]:
@@ -409,20 +418,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.loss == "difficulty":
         scores, scores_info = load_scores(cfg)
         wrapped: Any = ScoredDataset(
-            train_split.dataset, ids, scores,
+            train_split.dataset, ids, scores, mapping=cfg.mapping,
             temperature=cfg.temperature if cfg.temperature == "auto" else float(cfg.temperature),
+            mapping_params=mapping_params(cfg),
             missing=cfg.missing,  # type: ignore[arg-type]
             base_labels=_label_strings(scores.labels, targets, names),
         )  # fmt: skip
+        mean_weight = float(wrapped.weights.mean())
+        scores_info.update(wrapped.weight_mapping.describe())
         scores_info.update(
             temperature=wrapped.temperature, temperature_setting=cfg.temperature, alpha=cfg.alpha,
             missing_policy=cfg.missing, missing=wrapped.num_missing, trained_on=len(wrapped),
-            mean_weight=float(wrapped.weights.mean()),
+            # Over the samples trained on (a missing one counts 0); constant ER at the same
+            # average penalty is CE - beta * H with this beta.
+            mean_weight=mean_weight, mean_weight_table=wrapped.weight_mapping.mean_weight,
+            matched_er_beta=cfg.alpha * mean_weight,
         )  # fmt: skip
     else:
         wrapped = IndexedDataset(train_split.dataset)
 
-    model = build_model(cfg.model, train_split.in_channels, train_split.num_classes).to(device)
+    side = 28 if cfg.data == "fmnist" else cfg.image_size
+    model = build_model(cfg.model, train_split.in_channels, train_split.num_classes, side).to(device)
     loss_fn = build_loss(
         cfg.loss, smoothing=cfg.smoothing, gamma=cfg.gamma, beta=cfg.beta, alpha=cfg.alpha,
         weights=wrapped.weights,
@@ -508,12 +524,42 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "environment": {"torch": torch.__version__, "device": str(device)},
     }
     if cfg.output_dir:
-        write_outputs(report, probs, labels, Path(cfg.output_dir))
+        write_outputs(report, probs, labels, Path(cfg.output_dir), [(_run_title(report), probs)])
     report["_probs"], report["_labels"] = probs, labels  # for in-process callers; not in JSON
     return report
 
 
-def write_outputs(report: dict[str, Any], probs: np.ndarray, labels: np.ndarray, out: Path) -> None:
+def train_with_comparison(cfg: TrainConfig, compare: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """:func:`train`, plus the same run with each loss in ``compare`` (e.g. ``["ce"]``): same
+    data, seed, model and schedule. The report gains ``compare`` (their metrics) and the
+    reliability diagram shows the runs side by side."""
+    others = [name for name in dict.fromkeys(compare) if name != cfg.loss]
+    report = train(replace(cfg, output_dir=None))
+    panels = [(_run_title(report), report["_probs"])]
+    compared: dict[str, Any] = {}
+    for name in others:
+        other = train(replace(cfg, loss=name, output_dir=None))
+        compared[name] = {k: other[k] for k in ("metrics", "val_metrics", "train", "config")}
+        panels.append((_run_title(other), other["_probs"]))
+    if compared:
+        report["compare"] = compared
+    if cfg.output_dir:
+        write_outputs(report, report["_probs"], report["_labels"], Path(cfg.output_dir), panels)
+    return report
+
+
+def _run_title(report: dict[str, Any]) -> str:
+    c, s = report["config"], report.get("scores")
+    if c["loss"] == "difficulty" and s:
+        return f"difficulty ({s['mapping']}, alpha={c['alpha']:g}, mean w={s['mean_weight']:.2f})"
+    return {"ls": f"ls (eps={c['smoothing']:g})", "focal": f"focal (gamma={c['gamma']:g})",
+            "er": f"er (beta={c['beta']:g})"}.get(c["loss"], c["loss"])  # fmt: skip
+
+
+def write_outputs(
+    report: dict[str, Any], probs: np.ndarray, labels: np.ndarray, out: Path,
+    panels: list[tuple[str, np.ndarray]] | None = None,
+) -> None:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     clean = _finite({k: v for k, v in report.items() if not k.startswith("_")})
     tmp = out / ".report.json.tmp"
@@ -521,7 +567,7 @@ def write_outputs(report: dict[str, Any], probs: np.ndarray, labels: np.ndarray,
     # written as null, so strict JSON readers can parse every report.
     tmp.write_text(json.dumps(clean, indent=2, default=_json_default, allow_nan=False) + "\n")
     os.replace(tmp, out / "report.json")
-    reliability_diagram(probs, labels, out / "reliability.png", title=f"{report['config']['loss']}")
+    reliability_diagram(panels or [(report["config"]["loss"], probs)], labels, out / "reliability.png")
 
 
 def _finite(value: Any) -> Any:
@@ -540,37 +586,47 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def reliability_diagram(probs: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> None:
+def reliability_diagram(
+    panels: list[tuple[str, np.ndarray]], labels: np.ndarray, path: Path
+) -> None:
+    """One column per run (title, probabilities), on the same test labels: accuracy per
+    confidence bin with the gap to the diagonal hatched, and the bins' shares below."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    bins = M.reliability_bins(probs, labels)
-    edges, width = bins["edges"][:-1], 1.0 / len(bins["count"])
-    centers = edges + width / 2
-    acc = np.nan_to_num(bins["accuracy"])
-    conf = np.nan_to_num(bins["confidence"], nan=0.0)
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
-    top.bar(centers, acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    gap_base = np.minimum(acc, conf)
-    # The gap between accuracy and mean confidence, hatched (over- or under-confidence).
-    filled = bins["count"] > 0
-    top.bar(centers[filled], np.abs(conf - acc)[filled], bottom=gap_base[filled], width=width,
-            fill=False, hatch="//", edgecolor="tab:red", label="gap to confidence")  # fmt: skip
-    top.plot([0, 1], [0, 1], "k--", linewidth=1)
-    top.set_ylabel("accuracy")
-    top.set_ylim(0, 1)
-    top.legend(loc="upper left", fontsize=8)
-    top.set_title(f"{title}  ECE={M.ece(probs, labels):.4f}  acc={M.accuracy(probs, labels):.4f}")
-    bottom.bar(
-        centers, bins["count"] / bins["count"].sum(), width=width, color="gray", edgecolor="black"
-    )
-    bottom.set_xlabel("confidence (max probability), 15 bins")
-    bottom.set_ylabel("share")
-    bottom.set_xlim(0, 1)
+    fig, axes = plt.subplots(
+        2, len(panels), figsize=(4.5 * len(panels), 5.5), sharex=True, squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+    )  # fmt: skip
+    for column, (title, probs) in enumerate(panels):
+        top, bottom = axes[0, column], axes[1, column]
+        bins = M.reliability_bins(probs, labels)
+        edges, width = bins["edges"][:-1], 1.0 / len(bins["count"])
+        centers = edges + width / 2
+        acc = np.nan_to_num(bins["accuracy"])
+        conf = np.nan_to_num(bins["confidence"], nan=0.0)
+        top.bar(centers, acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+        gap_base = np.minimum(acc, conf)
+        # The gap between accuracy and mean confidence, hatched (over- or under-confidence).
+        filled = bins["count"] > 0
+        top.bar(centers[filled], np.abs(conf - acc)[filled], bottom=gap_base[filled], width=width,
+                fill=False, hatch="//", edgecolor="tab:red", label="gap to confidence")  # fmt: skip
+        top.plot([0, 1], [0, 1], "k--", linewidth=1)
+        top.set_ylabel("accuracy")
+        top.set_ylim(0, 1)
+        top.legend(loc="upper left", fontsize=8)
+        top.set_title(
+            f"{title}\nECE={M.ece(probs, labels):.4f}  acc={M.accuracy(probs, labels):.4f}",
+            fontsize=9,
+        )
+        bottom.bar(
+            centers, bins["count"] / bins["count"].sum(), width=width, color="gray", edgecolor="black"
+        )
+        bottom.set_xlabel("confidence (max probability), 15 bins")
+        bottom.set_ylabel("share")
+        bottom.set_xlim(0, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
