@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_ENCODER = "open_clip:ViT-B-16:openai"
-ANONYMOUS_TENANT = "default"
+from service.domain import ExecutorKind
+from service.encoders.names import DEFAULT_ENCODER
+from service.storage import layout
+
+ANONYMOUS_TENANT = "default"  # the one tenant of a server without API keys
 
 
-class SettingsError(ValueError):
+class SettingsError(ValueError):  # a start-up error of the operator, not a request's
     """A setting is malformed; the message names the variable and the expected form."""
 
 
@@ -90,7 +93,7 @@ class Settings:
     device: str = "auto"
     # Where fit jobs embed images: "local" (this process) or "ray" (a Ray cluster at
     # RAY_ADDRESS, or a local one when unset). Ray is imported only for "ray".
-    executor: str = "local"
+    executor: ExecutorKind = ExecutorKind.LOCAL
     ray_address: str | None = None
     ray_actors: int | None = None  # encoder actors; None = one per GPU in the cluster, else 1
 
@@ -99,18 +102,14 @@ class Settings:
         return bool(self.api_keys)
 
     @property
-    def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
-
-    @property
     def tmp_dir(self) -> Path:
         # Uploads are spooled here, on the data dir's file system, so the final rename is atomic
         # and nothing is written outside the data dir (no system /tmp).
-        return self.data_dir / "tmp"
+        return layout.tmp_dir(self.data_dir)
 
 
 def default_database_url(data_dir: Path) -> str:
-    return f"sqlite:///{(data_dir / 'difficulty.db').resolve()}"
+    return f"sqlite:///{layout.database_path(data_dir).resolve()}"
 
 
 def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
@@ -143,7 +142,9 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
     )
 
 
-def _executor(raw: str) -> str:
-    if raw not in ("local", "ray"):
-        raise SettingsError(f"DIFFICULTY_EXECUTOR must be 'local' or 'ray', got {raw!r}")
-    return raw
+def _executor(raw: str) -> ExecutorKind:
+    try:
+        return ExecutorKind(raw)
+    except ValueError:
+        names = " or ".join(repr(k.value) for k in ExecutorKind)
+        raise SettingsError(f"DIFFICULTY_EXECUTOR must be {names}, got {raw!r}") from None

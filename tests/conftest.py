@@ -5,3 +5,43 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+
+# -- shared fixtures ----------------------------------------------------------------------------
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def make_settings(data_dir: Path, **overrides):  # type: ignore[no-untyped-def]
+    """Settings of the embedded default (SQLite in the data dir), fast polling for tests."""
+    from service.settings import Settings, default_database_url
+
+    values = {"data_dir": data_dir, "database_url": default_database_url(data_dir), "poll_seconds": 0.05}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def api_client(tmp_path: Path) -> Iterator:
+    """The app in-process (``TestClient``) with its in-process worker running queued jobs."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    with TestClient(create_app(make_settings(tmp_path / "data"))) as client:
+        yield client
+
+
+def wait_for_job(client, job_id: str, timeout: float = 120.0) -> dict:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout}s")

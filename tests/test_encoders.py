@@ -1,5 +1,5 @@
 """Encoders: efficientnet-lite0 (real weights), open_clip from a local checkpoint (a tiny config
-with random weights), the clear errors, and the record for precomputed features."""
+with random weights), the clear errors; names of uploaded features have no model to load."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from imagedata import TINY_CLIP, jpeg_bytes, register_tiny_clip, save_tiny_clip_checkpoint
 from PIL import Image
 
-from service.encoders import EncoderError, load_encoder, precomputed_encoder
+from service.encoders import EncoderError, load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +118,7 @@ def test_wrong_checkpoint_for_architecture(tmp_path: Path) -> None:
         load_encoder(f"open_clip:{TINY_CLIP}:{bad}", device="cpu")
 
 
-def test_device_errors_and_precomputed_record() -> None:
+def test_device_errors() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(EncoderError, match="CUDA is not available"):
             load_encoder("efficientnet-lite0", device="cuda")
-    record = precomputed_encoder("my-features", 16, "ab" * 32)
-    assert record.describe() == {
-        "name": "precomputed:my-features",
-        "dim": 16,
-        "weights_sha256": "ab" * 32,
-        "preprocessing": {"kind": "precomputed"},
-    }
-    with pytest.raises(EncoderError, match="cannot embed images"):
-        record.embed(torch.zeros(1, 3, 8, 8))

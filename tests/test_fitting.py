@@ -31,7 +31,7 @@ def test_store_fit_equals_one_shot(tmp_path, normalize):
     result = fit_store(store, normalize=normalize, shrinkage="auto")
     assert tuple(result.scores.column_names) == SCORE_COLUMNS
     feats = normalize_features(x.astype(np.float64)) if normalize else x
-    direct = fit_gaussians(SufficientStatistics(dim=6).update(feats, labels, ids), "auto", normalized=normalize)
+    direct = fit_gaussians(SufficientStatistics(dim=6, normalized=normalize).update(feats, labels, ids), "auto")
     expected = direct.score(x, labels)
     np.testing.assert_allclose(result.scores.column("rmd").to_numpy(), expected["rmd"], rtol=1e-7, atol=1e-9)
     assert result.scores.column("sample_id").to_pylist() == ids

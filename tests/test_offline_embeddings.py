@@ -114,3 +114,36 @@ def test_bad_input_is_a_clear_cli_error(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert "error" in err and message in err
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_offline_table_equals_the_service_table(tmp_path, api_client):
+    """`difficulty score` and a fit job leave the same score table, neighbor column included."""
+    import io
+
+    from conftest import wait_for_job
+
+    x, y = features(tmp_path, n=500, k=3, seed=7)
+    out = tmp_path / "offline.arrow"
+    assert main(["score", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.txt"),
+                 "--ids", str(tmp_path / "ids.txt"), "--shrinkage", "auto-shared", "-o", str(out)]) == 0
+    offline = pa.ipc.open_file(out).read_all()
+
+    dataset_id = api_client.post("/v1/datasets", json={"name": "same", "encoder": "feats"}).json()["id"]
+    files = {name: (name, (tmp_path / name).read_bytes()) for name in ("x.npy", "y.txt", "ids.txt")}
+    uploaded = api_client.post(f"/v1/datasets/{dataset_id}/embeddings",
+                               files={"embeddings": files["x.npy"], "labels": files["y.txt"], "ids": files["ids.txt"]})
+    assert uploaded.status_code == 201, uploaded.text
+    job = api_client.post(f"/v1/datasets/{dataset_id}/fit", json={"shrinkage": "auto-shared"}).json()
+    assert wait_for_job(api_client, job["job_id"])["state"] == "succeeded"
+    served = pa.ipc.open_stream(io.BytesIO(api_client.get(f"/v1/datasets/{dataset_id}/scores?format=arrow").content)).read_all()
+
+    assert "knn_agreement" in offline.column_names
+    assert served.column_names == offline.column_names
+    served = served.sort_by("sample_id")
+    offline = offline.sort_by("sample_id")
+    for column in offline.column_names:
+        if pa.types.is_floating(offline.schema.field(column).type):
+            np.testing.assert_array_equal(served.column(column).to_numpy(), offline.column(column).to_numpy(), err_msg=column)
+        else:
+            assert served.column(column).to_pylist() == offline.column(column).to_pylist(), column
+    assert np.isfinite(offline.column("knn_agreement").to_numpy()).all()

@@ -8,7 +8,7 @@ def test_embedded_default_does_not_import_ray():
     code = (
         "import sys\n"
         "import service.cli, service.api.app, service.jobs.worker, service.jobs.fit\n"
-        "import service.pipeline.embedding, service.pipeline.fitting, service.offline\n"
+        "import service.pipeline.embedding, service.pipeline.fitting, service.cli.score\n"
         "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -26,13 +26,7 @@ from PIL import Image
 from service.encoders import EncoderError, load_encoder
 from service.ingest import Sample, open_source
 from service.pipeline.decode import BadImage, decode_image
-from service.pipeline.embedding import (
-    embed_chunk,
-    embed_source,
-    failures_path,
-    read_encoder_record,
-    read_failures,
-)
+from service.pipeline.embedding import embed_chunk, embed_source
 from service.pipeline.fitting import labelled_statistics
 from service.pipeline.gpu_decode import decode_batch_on_gpu
 from service.storage.embeddings import EmbeddingStore
@@ -73,7 +67,7 @@ def test_embeds_every_image_like_a_plain_loop(encoder, folder: Path, tmp_path: P
         image = Image.open(folder / sample_id).convert("RGB")
         expected = encoder.embed(encoder.preprocess(image)[None])[0]
         np.testing.assert_allclose(feature, expected, rtol=1e-4, atol=1e-5)
-    record = read_encoder_record(store.directory)
+    record = store.encoder_record()
     assert record["name"] == encoder.name and record["weights_sha256"] == encoder.weights_sha256
     assert record["preprocessing"]["crop"] == [32, 32]
 
@@ -96,12 +90,12 @@ def test_bad_items_are_skipped_listed_and_persisted(encoder, tmp_path: Path) -> 
         assert fragment in reasons[name], (name, reasons[name])
     assert set(store.sample_ids().tolist()) >= set(ODD_BUT_VALID)
     # Persisted: a restarted service lists the same items without the report.
-    assert sorted(read_failures(store.directory)) == sorted(report.failures)
+    assert sorted(store.failures()) == sorted(report.failures)
     # A rerun does not retry them and does not list them twice.
     again = embed_source(open_source(root), encoder, store)
     assert again.embedded == 0 and again.failures == []
     assert again.skipped_existing == report.embedded + len(BAD_ITEMS)
-    assert len(read_failures(store.directory)) == len(BAD_ITEMS)
+    assert len(store.failures()) == len(BAD_ITEMS)
 
 
 def test_reader_errors_and_all_bad_chunks(encoder, tmp_path: Path) -> None:
@@ -114,7 +108,7 @@ def test_reader_errors_and_all_bad_chunks(encoder, tmp_path: Path) -> None:
     report = embed_source(samples, encoder, store, chunk_size=2)
     assert report.embedded == 0 and len(report.failures) == 3
     assert dict(report.failures)["gone"].startswith("file not found")
-    assert store.count() == 0 and len(read_failures(store.directory)) == 3
+    assert store.count() == 0 and len(store.failures()) == 3
 
 
 def test_resume_after_stop_gives_the_same_embeddings(encoder, folder: Path, tmp_path: Path) -> None:
@@ -157,10 +151,10 @@ def test_orphan_failures_file_is_ignored(encoder, folder: Path, tmp_path: Path) 
     store = EmbeddingStore(tmp_path / "store")
     # A crash between writing failures-000000.json and chunk-000000.npz leaves this behind.
     store.directory.mkdir(parents=True)
-    failures_path(store.directory, 0).write_text(json.dumps([["red/000.jpg", "stale"]]))
-    assert read_failures(store.directory) == []
+    store.failures_path(0).write_text(json.dumps([["red/000.jpg", "stale"]]))
+    assert store.failures() == []
     report = embed_source(open_source(folder), encoder, store)
-    assert report.embedded == 15 and read_failures(store.directory) == []
+    assert report.embedded == 15 and store.failures() == []
 
 
 def test_duplicates_unlabelled_and_encoder_mismatch(encoder, tmp_path: Path) -> None:

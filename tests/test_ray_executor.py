@@ -22,9 +22,9 @@ from fmnist_images import write_fmnist_folder  # noqa: E402
 
 from service.encoders import load_encoder  # noqa: E402
 from service.ingest import open_source  # noqa: E402
-from service.pipeline.embedding import embed_source, read_failures  # noqa: E402
+from service.pipeline.embedding import embed_source  # noqa: E402
 from service.pipeline.fitting import fit_store  # noqa: E402
-from service.pipeline.ray_executor import RaySettings, embed_source_ray  # noqa: E402
+from service.pipeline.ray_executor import RayExecutor, RaySettings  # noqa: E402
 from service.storage.embeddings import EmbeddingStore  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -51,6 +51,10 @@ def images(tmp_path_factory) -> tuple[Path, list[str]]:
     return root, ids
 
 
+def ray_executor(batch_size: int = 64) -> RayExecutor:
+    return RayExecutor(ENCODER, batch_size=batch_size, device="cpu", settings=RaySettings(num_actors=1))
+
+
 @pytest.fixture(scope="module")
 def local_store(tmp_path_factory, images) -> EmbeddingStore:
     store = EmbeddingStore(tmp_path_factory.mktemp("local"))
@@ -61,13 +65,13 @@ def local_store(tmp_path_factory, images) -> EmbeddingStore:
 def test_ray_equals_local(cluster, images, local_store, tmp_path):
     store = EmbeddingStore(tmp_path / "ray")
     seen = []
-    report = embed_source_ray(
-        open_source(images[0]), ENCODER, store, chunk_size=8, batch_size=8, device="cpu",
-        settings=RaySettings(num_actors=1), progress=lambda done, total: seen.append(done),
+    report = embed_source(
+        open_source(images[0]), ray_executor(batch_size=8), store, chunk_size=8,
+        progress=lambda done, total: seen.append(done),
     )
     assert report.embedded == len(images[1]) == 48
     assert [f[0] for f in report.failures] == ["shirt_bad/broken.png"]
-    assert read_failures(store.directory) == read_failures(local_store.directory)
+    assert store.failures() == local_store.failures()
     assert store.chunk_indices() == local_store.chunk_indices()
     for a, b in zip(store.iter_chunks(), local_store.iter_chunks(), strict=True):
         np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
@@ -81,7 +85,7 @@ def test_ray_equals_local(cluster, images, local_store, tmp_path):
     assert ours.column("predicted_label").to_pylist() == theirs.column("predicted_label").to_pylist()
 
     # Resume: nothing left to do, nothing written twice.
-    again = embed_source_ray(open_source(images[0]), ENCODER, store, chunk_size=8, device="cpu", settings=RaySettings(num_actors=1))
+    again = embed_source(open_source(images[0]), ray_executor(), store, chunk_size=8)
     assert again.embedded == 0 and again.skipped_existing == 49
 
 
@@ -102,10 +106,7 @@ def test_killed_actor_is_retried_without_loss_or_duplicates(cluster, images, loc
     result: dict[str, object] = {}
 
     def run() -> None:
-        result["report"] = embed_source_ray(
-            open_source(images[0]), ENCODER, store, chunk_size=4, batch_size=4, device="cpu",
-            settings=RaySettings(num_actors=1),
-        )
+        result["report"] = embed_source(open_source(images[0]), ray_executor(batch_size=4), store, chunk_size=4)
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -123,7 +124,7 @@ def test_killed_actor_is_retried_without_loss_or_duplicates(cluster, images, loc
     ids = store.sample_ids().tolist()
     assert len(ids) == len(set(ids)) == 48  # none lost, none twice
     assert sorted(ids) == sorted(local_store.sample_ids().tolist())
-    assert [f[0] for f in read_failures(store.directory)] == ["shirt_bad/broken.png"]
+    assert [f[0] for f in store.failures()] == ["shirt_bad/broken.png"]
 
 
 def test_fit_job_with_ray_executor_equals_local(cluster, images, tmp_path):

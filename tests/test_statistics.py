@@ -12,7 +12,6 @@ from service.statistics import (
     SufficientStatistics,
     assign_folds,
     cross_validate_shrinkage,
-    difficulty_weights,
     fit_gaussians,
     normalize_features,
 )
@@ -117,8 +116,10 @@ def test_large_offset_loses_no_precision():
 def test_normalized_features_match_reference():
     rng = np.random.default_rng(5)
     x, y = make_data(rng, n=800, d=8, k=3, offset=2.0)
-    stats = stats_of(normalize_features(x), y)
-    model = fit_gaussians(stats, 0.01, normalized=True)
+    stats = SufficientStatistics(dim=8, normalized=True).update(
+        normalize_features(x), [str(v) for v in y], [str(i) for i in range(len(y))]
+    )
+    model = fit_gaussians(stats, 0.01)
     assert_scores_match(model.score(x, [str(v) for v in y]), reference(x, y, 0.01, 0.01, True))
 
 
@@ -313,20 +314,6 @@ def test_bad_inputs_to_fit():
         SufficientStatistics(dim=3).update(np.ones((2, 2)), ["a", "b"], ["1", "2"])
     with pytest.raises(ValueError, match="labels"):
         SufficientStatistics(dim=2).update(np.ones((2, 2)), ["a"], ["1", "2"])
-
-
-def test_difficulty_weights():
-    s = np.array([0.0, 1.0, 3.0])
-    np.testing.assert_allclose(difficulty_weights(s, 2.0), np.exp((s - 3.0) / 2.0))
-    t = s.std()
-    np.testing.assert_allclose(difficulty_weights(s, "auto"), np.exp((s - 3.0) / t))
-    assert difficulty_weights(s).max() == 1.0 and difficulty_weights(s).min() > 0
-    np.testing.assert_array_equal(difficulty_weights(np.full(4, 2.5)), np.ones(4))
-    for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError):
-            difficulty_weights(s, bad)
-    with pytest.raises(ValueError):
-        difficulty_weights(np.array([1.0, np.nan]))
 
 
 def test_folds_depend_only_on_ids():

@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.api import errors
 from service.api.metrics import Metrics, MetricsMiddleware
-from service.api.operations import AppContext
 from service.api.routers import datasets, health, jobs
 from service.settings import Settings
-from service.storage.database import make_engine, make_sessionmaker, migrate
+from service.storage import layout
+from service.storage.database import open_database
+from service.usecases.context import AppContext
 
 STALE_SPOOL_SECONDS = 24 * 3600
 
@@ -29,9 +31,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         settings.tmp_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_spools(settings)
-        engine = make_engine(settings.database_url)
-        migrate(engine)
-        db = make_sessionmaker(engine)
+        db = open_database(settings)
         app.state.ctx = AppContext(settings=settings, db=db)
         metrics.attach_database(db)
         worker = None
@@ -46,7 +46,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
         finally:
             if worker is not None:
                 worker.stop_event.set()
-            engine.dispose()
+            db.kw["bind"].dispose()
 
     app = FastAPI(
         title="Sample difficulty service",
@@ -59,6 +59,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    errors.register(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _document_auth(app)
     return app
@@ -87,7 +88,7 @@ def _document_auth(app: FastAPI) -> None:
 def _remove_stale_spools(settings: Settings) -> None:
     # Spool folders of uploads cut off by a crash; recent ones may belong to another process.
     now = time.time()
-    for path in settings.tmp_dir.glob("upload-*"):
+    for path in layout.spool_dirs(settings.data_dir):
         try:
             if now - path.stat().st_mtime > STALE_SPOOL_SECONDS:
                 shutil.rmtree(path, ignore_errors=True)

@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from service.api.errors import ApiError
+from service.errors import Unauthorized
 from service.settings import ANONYMOUS_TENANT
 
 
@@ -17,11 +17,10 @@ def tenant_of(request: Request) -> str:
         return ANONYMOUS_TENANT
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    challenge = {"WWW-Authenticate": "Bearer"}
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", challenge)
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     token = token.strip()
     for key, tenant in keys.items():
         if hmac.compare_digest(key.encode(), token.encode()):
             return tenant
-    raise ApiError(401, "unknown API key", challenge)
+    raise Unauthorized("unknown API key")

@@ -1,17 +1,53 @@
-"""Errors as JSON ``{"detail": ...}`` with the status code the caller's mistake deserves.
+"""Domain errors -> HTTP: one table, registered once on the app.
 
-``ApiError`` is FastAPI's HTTPException (its default handler writes the body and headers); the
-name marks errors raised by the service's own operations."""
+Every error is JSON ``{"detail": "<message>"}``. The table maps each branch of the domain error
+tree (``service.errors``) to its status; the most specific class wins, so a package's own error
+(``CursorError(BadRequest)``, ``JobConflict(Conflict)``) needs no entry of its own.
+"""
 
 from __future__ import annotations
 
-from fastapi import HTTPException
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.errors import (
+    BadRequest,
+    Conflict,
+    InsufficientStorage,
+    InvalidInput,
+    NotFound,
+    ServiceError,
+    TooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+
+STATUS: dict[type[ServiceError], int] = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    UnsupportedMediaType: 415,
+    InvalidInput: 422,
+    InsufficientStorage: 507,
+}
+HEADERS: dict[type[ServiceError], dict[str, str]] = {Unauthorized: {"WWW-Authenticate": "Bearer"}}
+MAX_DETAIL = 2000  # characters: a message never echoes a whole hostile input
 
 
-class ApiError(HTTPException):
-    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status_code=status_code, detail=detail, headers=headers)
+def status_of(error: ServiceError) -> tuple[int, dict[str, str]]:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls], HEADERS.get(cls, {})
+    return 400, {}
 
 
-def not_found(what: str = "dataset") -> ApiError:
-    return ApiError(404, f"{what} not found")
+async def _handle(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ServiceError)
+    status, headers = status_of(error)
+    return JSONResponse({"detail": str(error)[:MAX_DETAIL]}, status_code=status, headers=headers)
+
+
+def register(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _handle)

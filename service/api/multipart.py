@@ -7,27 +7,16 @@ arrive, counts them against ``max_bytes`` and never holds a part in memory.
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from service.api.errors import ApiError
+from service.errors import BadRequest, InvalidInput, ServiceError, TooLarge, UnsupportedMediaType
+from service.usecases.forms import Form
 
 MAX_TEXT_FIELD_BYTES = 64 * 1024
-
-
-@dataclass
-class Form:
-    directory: Path
-    files: dict[str, Path] = field(default_factory=dict)
-    fields: dict[str, str] = field(default_factory=dict)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 async def receive_form(
@@ -36,10 +25,10 @@ async def receive_form(
     """Parse the request body into ``dest`` (created here; removed again on any error)."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
-        raise ApiError(415, "send multipart/form-data (e.g. curl -F file=@data.zip)")
+        raise UnsupportedMediaType("send multipart/form-data (e.g. curl -F file=@data.zip)")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, f"upload of {declared} bytes exceeds the limit of {max_bytes} bytes (DIFFICULTY_MAX_UPLOAD_BYTES)")
+        raise TooLarge(f"upload of {declared} bytes exceeds the limit of {max_bytes} bytes (DIFFICULTY_MAX_UPLOAD_BYTES)")
     dest.mkdir(parents=True, exist_ok=False)
     form = Form(dest)
     state: dict[str, object] = {"name": None, "fh": None, "text": None, "header": b"", "value": b""}
@@ -64,7 +53,7 @@ async def receive_form(
         state["name"], state["fh"], state["text"] = name, None, None
         if name in file_fields:
             if name in form.files:
-                raise ApiError(422, f"field {name!r} was sent twice")
+                raise InvalidInput(f"field {name!r} was sent twice")
             path = dest / name
             state["fh"] = open(path, "wb")  # noqa: SIM115 - closed in on_part_end / cleanup
             form.files[name] = path
@@ -79,7 +68,7 @@ async def receive_form(
             text: bytearray = state["text"]  # type: ignore[assignment]
             text += data[start:end]
             if len(text) > MAX_TEXT_FIELD_BYTES:
-                raise ApiError(413, f"form field {state['name']!r} is longer than {MAX_TEXT_FIELD_BYTES} bytes")
+                raise TooLarge(f"form field {state['name']!r} is longer than {MAX_TEXT_FIELD_BYTES} bytes")
 
     def on_part_end() -> None:
         fh: BinaryIO | None = state["fh"]  # type: ignore[assignment]
@@ -89,7 +78,7 @@ async def receive_form(
             try:
                 form.fields[str(state["name"])] = bytes(state["text"]).decode("utf-8")  # type: ignore[arg-type]
             except UnicodeDecodeError:
-                raise ApiError(422, f"form field {state['name']!r} is not UTF-8") from None
+                raise InvalidInput(f"form field {state['name']!r} is not UTF-8") from None
         state["fh"], state["text"] = None, None
 
     parser = MultipartParser(
@@ -109,17 +98,17 @@ async def receive_form(
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:
-                raise ApiError(413, f"upload exceeds the limit of {max_bytes} bytes (DIFFICULTY_MAX_UPLOAD_BYTES)")
+                raise TooLarge(f"upload exceeds the limit of {max_bytes} bytes (DIFFICULTY_MAX_UPLOAD_BYTES)")
             parser.write(chunk)
         parser.finalize()
-    except ApiError:
+    except ServiceError:
         _close(state)
         form.discard()
         raise
     except Exception as exc:  # malformed multipart bodies raise several parser error types
         _close(state)
         form.discard()
-        raise ApiError(400, f"malformed multipart body: {exc}") from None
+        raise BadRequest(f"malformed multipart body: {exc}") from None
     _close(state)
     return form
 

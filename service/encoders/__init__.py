@@ -1,23 +1,31 @@
-"""Encoders: ``open_clip:<model>:<tag|path|random>``, ``efficientnet-lite0``, and the record for
-uploaded (precomputed) features. ``load_encoder`` is the only constructor callers need."""
+"""Encoders: ``open_clip:<model>:<tag|path|random>`` and ``efficientnet-lite0``; uploaded
+features carry a name of their own and no model. ``load_encoder`` is the only constructor callers
+need. The name rules (``names``) import without torch; the models are imported on first use.
+"""
 
 from __future__ import annotations
 
-from service.encoders.base import (
-    Encoder,
+from typing import TYPE_CHECKING, Any
+
+from service.encoders.names import (
+    DEFAULT_ENCODER,
+    EFFICIENTNET_LITE0,
+    EXAMPLES,
+    OPEN_CLIP_PREFIX,
     EncoderError,
-    PrecomputedEncoder,
-    TorchEncoder,
-    cpu_has_fast_bf16,
-    resolve_device,
+    check_encoder_name,
+    is_image_encoder,
+    require_image_encoder,
 )
 
-PRECOMPUTED_PREFIX = "precomputed:"
+if TYPE_CHECKING:
+    from service.encoders.base import Encoder, TorchEncoder
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def load_encoder(name: str, device: str = "auto", precision: str = "auto") -> Encoder:
-    """Build the encoder called ``name`` on ``device`` ('auto' = CUDA when present).
+    """Build the image encoder called ``name`` on ``device`` ('auto' = CUDA when present).
 
     ``precision='auto'``: bf16 autocast on CUDA; on CPU a bf16 cast for open_clip towers where
     the CPU computes bf16 natively, fp32 otherwise (EfficientNet-Lite0's depthwise convolutions
@@ -28,40 +36,46 @@ def load_encoder(name: str, device: str = "auto", precision: str = "auto") -> En
     if precision not in PRECISIONS:
         raise EncoderError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     name = name.strip()
-    if name.startswith(PRECOMPUTED_PREFIX):
+    check_encoder_name(name)
+    if not is_image_encoder(name):
         raise EncoderError(
-            f"{name!r} names uploaded features; it is recorded with the upload and has no model "
-            "to load. Use service.encoders.PrecomputedEncoder to describe such features."
+            f"unknown encoder {name[:80]!r}: use {EXAMPLES}; other names label uploaded features, "
+            "which have no model to load"
         )
+    from service.encoders.base import cpu_has_fast_bf16, resolve_device
+
     resolved = resolve_device(device)
-    if name == "efficientnet-lite0":
+    if name == EFFICIENTNET_LITE0:
         from service.encoders.efficientnet import load_efficientnet_lite0
 
         if precision == "auto":
             precision = "bf16" if resolved.type == "cuda" else "fp32"
         return load_efficientnet_lite0(resolved, precision)
-    if name.startswith("open_clip:"):
-        from service.encoders.openclip import default_precision, load_open_clip
+    from service.encoders.openclip import default_precision, load_open_clip
 
-        if precision == "auto":
-            precision = default_precision(resolved, cpu_has_fast_bf16())
-        return load_open_clip(name, resolved, precision)
-    raise EncoderError(
-        f"unknown encoder {name!r}: use 'efficientnet-lite0' (offline ImageNet backbone) or "
-        "'open_clip:<model>:<pretrained tag or checkpoint path>', e.g. 'open_clip:ViT-B-16:openai' "
-        "or 'open_clip:ViT-B-16:/path/to/open_clip_pytorch_model.bin'"
-    )
+    if precision == "auto":
+        precision = default_precision(resolved, cpu_has_fast_bf16())
+    return load_open_clip(name, resolved, precision)
 
 
-def precomputed_encoder(name: str, dim: int, weights_sha256: str = "") -> PrecomputedEncoder:
-    return PrecomputedEncoder(name if name.startswith(PRECOMPUTED_PREFIX) else PRECOMPUTED_PREFIX + name, dim, weights_sha256)
+def __getattr__(name: str) -> Any:
+    # The torch-backed classes, imported only when asked for.
+    if name in ("Encoder", "TorchEncoder"):
+        from service.encoders import base
+
+        return getattr(base, name)
+    raise AttributeError(name)
 
 
 __all__ = [
+    "DEFAULT_ENCODER",
+    "EFFICIENTNET_LITE0",
+    "OPEN_CLIP_PREFIX",
     "Encoder",
     "EncoderError",
-    "PrecomputedEncoder",
     "TorchEncoder",
+    "check_encoder_name",
+    "is_image_encoder",
     "load_encoder",
-    "precomputed_encoder",
+    "require_image_encoder",
 ]

@@ -17,9 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-class EncoderError(ValueError):
-    """The encoder cannot be built or used; the message says how to fix it."""
+from service.encoders.names import EncoderError
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -151,27 +149,3 @@ class TorchEncoder(Encoder):
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.float().reshape(out.shape[0], -1).cpu().numpy()
-
-
-class PrecomputedEncoder(Encoder):
-    """The record for uploaded features: it names them but cannot embed images."""
-
-    def __init__(self, name: str, dim: int, weights_sha256: str = "") -> None:
-        self.name = name
-        self.dim = dim
-        self.weights_sha256 = weights_sha256  # SHA-256 of the uploaded feature file, if known
-        self.preprocessing = {"kind": "precomputed"}
-        self.device = torch.device("cpu")
-
-    def _refuse(self) -> EncoderError:
-        return EncoderError(
-            f"encoder {self.name!r} stands for uploaded features and cannot embed images; "
-            "upload embeddings for these items, or create the dataset with an image encoder "
-            "such as 'efficientnet-lite0' or 'open_clip:ViT-B-16:/path/to/checkpoint.bin'"
-        )
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        raise self._refuse()
-
-    def embed(self, batch: torch.Tensor) -> np.ndarray:
-        raise self._refuse()

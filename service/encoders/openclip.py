@@ -12,23 +12,10 @@ import os
 
 import torch
 
-from service.encoders.base import EncoderError, TorchEncoder, sha256_file, sha256_state_dict
+from service.encoders.base import TorchEncoder, sha256_file, sha256_state_dict
+from service.encoders.names import OPEN_CLIP_PREFIX, EncoderError, parse_open_clip_name
 
-PREFIX = "open_clip:"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-def parse_name(name: str) -> tuple[str, str]:
-    """``open_clip:ViT-B-16:openai`` -> ("ViT-B-16", "openai"); the tag may be a path with ':'."""
-    rest = name[len(PREFIX) :]
-    model, sep, pretrained = rest.partition(":")
-    if not model or not sep or not pretrained:
-        raise EncoderError(
-            f"open_clip encoder names are 'open_clip:<model>:<pretrained tag or checkpoint path>', "
-            f"got {name!r}; for example 'open_clip:ViT-B-16:openai' or "
-            "'open_clip:ViT-B-16:/path/to/open_clip_pytorch_model.bin'"
-        )
-    return model, pretrained
 
 
 def _how_to_supply(model: str, hf_hub: str | None) -> str:
@@ -45,7 +32,7 @@ def load_open_clip(name: str, device: torch.device, precision: str) -> TorchEnco
         import open_clip
     except ImportError as exc:
         raise EncoderError("open_clip encoders need the package open_clip_torch (pip install open_clip_torch)") from exc
-    model_name, pretrained = parse_name(name)
+    model_name, pretrained = parse_open_clip_name(name)
     if open_clip.get_model_config(model_name) is None:
         known = ", ".join(open_clip.list_models()[:12])
         raise EncoderError(f"unknown open_clip model {model_name!r}; known models include: {known}, ...")
@@ -108,7 +95,7 @@ def load_open_clip(name: str, device: torch.device, precision: str) -> TorchEnco
         "library": f"open_clip {getattr(open_clip, '__version__', '?')}",
     }
     sha = sha256_file(checkpoint) if checkpoint else sha256_state_dict(visual)
-    resolved_name = f"{PREFIX}{model_name}:{pretrained}"
+    resolved_name = f"{OPEN_CLIP_PREFIX}{model_name}:{pretrained}"
     return TorchEncoder(
         name=resolved_name,
         model=visual,

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from service.errors import InvalidInput
 
-class InputError(ValueError):
+
+class InputError(InvalidInput):
     """The caller's input is unusable; the message says what is wrong and how to fix it."""
 
 

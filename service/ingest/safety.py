@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from service.errors import InvalidInput
 from service.ingest.sample import is_hidden
 
 # A zip member that claims to expand more than this ratio is a bomb, whatever the total.
@@ -24,8 +25,11 @@ _RATIO_MIN_BYTES = 1 << 20
 
 
 
-class ArchiveError(ValueError):
+class ArchiveError(InvalidInput):
     """The archive is refused; the message says which member and why."""
+
+    def __str__(self) -> str:
+        return f"archive refused: {super().__str__()}"
 
 
 @dataclass(frozen=True)

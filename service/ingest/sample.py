@@ -6,6 +6,8 @@ import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from service.errors import InvalidInput
+
 # An item larger than this is refused by the readers before it is read (a zip bomb member, a
 # video in an image folder). 64 MiB holds any sane single image.
 MAX_ITEM_BYTES = 64 * 1024 * 1024
@@ -45,7 +47,7 @@ class SampleSource:
         return None
 
 
-class ReaderError(ValueError):
+class ReaderError(InvalidInput):
     """The location cannot be read as a dataset; the message says what to give instead."""
 
 

@@ -1,66 +1,39 @@
-"""The fit job: embed what is not embedded yet, fit the Gaussians, score, publish the fit.
+"""The fit job: the fit use case (``pipeline.fit_dataset``) run under a lease, with durable
+progress, cancellation, failures a person can act on, and a transactional finish.
 
 Resumable at chunk granularity: every chunk in the embedding store is durable (atomic file), an
-upload's rows map to chunks deterministically, and image embedding skips IDs already stored. A
-worker that takes over an expired lease re-runs this function and continues where the store
-ends. Statistics are cached per chunk prefix (pipeline.fitting), so a refit after an append only
-reads new chunks for statistics.
+upload's rows map to chunks deterministically (its first chunk is recorded before the first is
+written), and image embedding skips IDs already stored. A worker that takes over an expired lease
+re-runs this function and continues where the store ends.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from service.domain import ExecutorKind, JobStage, JobState, UploadKind, UploadState
+from service.encoders.names import EncoderError, is_image_encoder, require_image_encoder
 from service.jobs import queue
 from service.jobs.context import JobContext, JobFailed, JobStopped
-from service.pipeline.fitting import labelled_statistics, score_store
+from service.pipeline.fit_dataset import FitSettings, copy_embeddings, fit_and_score, publish
 from service.settings import Settings
-from service.statistics import FitError, fit_gaussians
+from service.statistics import FitError
 from service.storage import layout
 from service.storage.database import Dataset, Fit, Job, Upload, new_id, utcnow
 from service.storage.embeddings import EmbeddingStore
-from service.storage.files import atomic_savez, atomic_write_bytes
-from service.storage.scores import class_summary, write_score_files
+from service.storage.fits import FitFiles
+from service.storage.scores import class_summary
+from service.storage.uploads import UploadFiles
 
 if TYPE_CHECKING:  # the image pipeline (torch) is imported only by jobs that embed images
-    from service.ingest.sample import Sample
-    from service.pipeline.embedding import EmbedReport
+    from service.pipeline.embedding import ChunkExecutor
 
 log = logging.getLogger(__name__)
-
-IMAGE_ENCODER_PREFIXES = ("open_clip:",)
-IMAGE_ENCODERS = ("efficientnet-lite0",)
-
-
-def is_image_encoder(name: str) -> bool:
-    return name in IMAGE_ENCODERS or name.startswith(IMAGE_ENCODER_PREFIXES)
-
-
-def check_encoder_name(name: str) -> None:
-    """Cheap validation at dataset creation (loading weights happens in the job)."""
-    if name.startswith("open_clip:"):
-        parts = name.split(":", 2)
-        if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise ValueError(
-                f"encoder {name!r} is malformed: use open_clip:<model>:<pretrained tag or checkpoint path>, "
-                "e.g. open_clip:ViT-B-16:openai"
-            )
-    elif not name or len(name) > 200 or any(c.isspace() for c in name):
-        raise ValueError(
-            f"encoder {name!r} is not valid: use open_clip:<model>:<tag>, efficientnet-lite0, "
-            "or a short name (no spaces) for precomputed embeddings"
-        )
 
 
 def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker) -> dict[str, Any]:
@@ -72,96 +45,51 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
         uploads = session.scalars(
             select(Upload).where(Upload.dataset_id == dataset.id).order_by(Upload.id)
         ).all()
-    root = layout.dataset_dir(settings.data_dir, job.dataset_id)
     store = EmbeddingStore(layout.store_dir(settings.data_dir, job.dataset_id))
     options = job.options or {}
-    normalize = bool(options.get("normalize", True))
-    shrinkage = options.get("shrinkage", "auto")
-
-    pending = [u for u in uploads if u.state == "pending"]
-    total = sum(u.num_items for u in pending)
-    ctx.set_stage("embedding", total)
-    weights_sha256: str | None = None
-    encoder = None
-    done = 0
-    failures = 0
-    for upload in pending:
-        if upload.kind == "embeddings":
-            embedded = _ingest_embeddings(upload, root, store, ctx, settings, db, done)
-            failed = 0
-        else:
-            if encoder is None and settings.executor == "local":
-                encoder = load_image_encoder(encoder_name, settings)
-            elif settings.executor == "ray":
-                check_image_encoder_name(encoder_name)
-            embedded, failed = _ingest_archive(upload, root, store, encoder, encoder_name, ctx, settings, done)
-        _mark_embedded(db, upload.id, embedded, failed)
-        done += upload.num_items
-        failures += failed
-        ctx.progress(done)
-    if is_image_encoder(encoder_name):
-        # The store records the encoder that made its features (whichever executor ran it);
-        # load the model here only when there is no record yet.
-        from service.pipeline.embedding import read_encoder_record
-
-        record = read_encoder_record(store.directory)
-        if record is not None:
-            weights_sha256 = record.get("weights_sha256")
-        else:
-            if encoder is None:
-                encoder = load_image_encoder(encoder_name, settings)
-            weights_sha256 = getattr(encoder, "weights_sha256", None)
-    ctx.check()
-
-    num_chunks = len(store.chunk_indices())
-    if num_chunks == 0:
-        raise JobFailed("the dataset has no items: upload an archive or embeddings first")
-    ctx.set_stage("fitting", num_chunks)
     try:
-        stats = labelled_statistics(store, normalize=normalize, progress=lambda d, t: ctx.progress(d, t))
-        ctx.check()
-        model = fit_gaussians(stats, shrinkage, normalized=normalize)
+        fit_settings = FitSettings(
+            normalize=bool(options.get("normalize", True)),
+            shrinkage=options.get("shrinkage", "auto"),
+            knn_k=settings.knn_k,
+            knn_max_items=settings.knn_max_items,
+        )
+    except FitError as exc:
+        raise JobFailed(str(exc)) from None
+
+    pending = [u for u in uploads if u.state == UploadState.PENDING]
+    failures = _embed_pending(pending, store, encoder_name, ctx, settings, db)
+    weights_sha256 = _weights_sha256(store, encoder_name, settings.device) if is_image_encoder(encoder_name) else None
+    ctx.check()
+    if not store.chunk_indices():
+        raise JobFailed("the dataset has no items: upload an archive or embeddings first")
+    try:
+        outcome = fit_and_score(store, fit_settings, ctx)
     except FitError as exc:
         raise JobFailed(str(exc)) from None
     except ValueError as exc:
         raise JobFailed(f"cannot fit: {exc}") from None
-    ctx.check()
-    ctx.set_stage("scoring", model.count)
-    scores = score_store(model, store, progress=lambda d, t: ctx.progress(d, t))
-    ctx.check()
-    knn_k: int | None = None
-    if scores.num_rows <= settings.knn_max_items:
-        ctx.set_stage("neighbors", scores.num_rows)
-        agreement = _knn_column(store, settings.knn_k)
-        knn_k = min(settings.knn_k, max(scores.num_rows - 1, 0))
-        ctx.progress(scores.num_rows)
-    else:
-        # Exact kNN is O(N^2 D): beyond the limit the column is null rather than hours of work.
-        agreement = np.full(scores.num_rows, np.nan)
-    scores = scores.append_column("knn_agreement", pa.array(agreement, pa.float64(), from_pandas=True))
-    ctx.check()
 
-    ctx.set_stage("publishing", None)
+    ctx.set_stage(JobStage.PUBLISHING, None)
     fit_id = new_id()
-    directory = layout.fit_dir(settings.data_dir, job.dataset_id, fit_id)
-    atomic_savez(directory / "model.npz", model.to_arrays())
-    write_score_files(directory, scores)
-    atomic_write_bytes(directory / "meta.json", json.dumps({"num_chunks": num_chunks}).encode())
-    summary = class_summary(scores)
-    num_scored = scores.num_rows
-    del scores
+    files = FitFiles.of(settings.data_dir, job.dataset_id, fit_id)
+    publish(outcome, files)
+    model, num_scored, knn_k = outcome.model, outcome.scores.num_rows, outcome.knn_k
+    summary = class_summary(outcome.scores)
+    del outcome
+    images = any(u.kind != UploadKind.EMBEDDINGS for u in pending)
     result = {
         "fit_id": fit_id,
         "num_scored": num_scored,
         "num_failed": failures,
         "shrinkage": model.shrinkage,
         "shrinkage_agnostic": model.shrinkage_agnostic,
-        "executor": settings.executor if pending and any(u.kind != "embeddings" for u in pending) else None,
+        "executor": settings.executor if images else None,
     }
     with db() as session:
         dataset = session.get(Dataset, job.dataset_id)
         if dataset is None:
-            shutil.rmtree(directory, ignore_errors=True)
+            files.remove()
             raise JobFailed("the dataset was deleted while fitting")
         session.add(
             Fit(
@@ -169,8 +97,8 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
                 dataset_id=dataset.id,
                 job_id=job.id,
                 created_at=utcnow(),
-                normalize=normalize,
-                shrinkage_requested=shrinkage,
+                normalize=fit_settings.normalize,
+                shrinkage_requested=fit_settings.shrinkage,
                 shrinkage=float(model.shrinkage),
                 shrinkage_agnostic=float(model.shrinkage_agnostic),
                 encoder=encoder_name,
@@ -183,49 +111,73 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
         )
         dataset.current_fit_id = fit_id
         final = ctx.snapshot()
-        final.update(stage="done", done=num_scored, total=num_scored, eta_seconds=0)
+        final.update(stage=JobStage.DONE, done=num_scored, total=num_scored, eta_seconds=0)
         owned = queue.finish(
-            db, job.id, ctx.owner, "succeeded", result=result, progress=final, session=session
+            db, job.id, ctx.owner, JobState.SUCCEEDED, result=result, progress=final, session=session
         )
         if not owned:
             session.rollback()
-            shutil.rmtree(directory, ignore_errors=True)
+            files.remove()
             ctx.lease_lost = True
             ctx.check()
         session.commit()
     return result
 
 
-def _knn_column(store: EmbeddingStore, k: int) -> np.ndarray:
-    from service.knn import knn_agreement, read_unit_features
+def _embed_pending(
+    pending: list[Upload], store: EmbeddingStore, encoder_name: str, ctx: JobContext, settings: Settings, db: sessionmaker
+) -> int:
+    """Every pending upload into the store; returns how many items could not be embedded."""
+    ctx.set_stage(JobStage.EMBEDDING, sum(u.num_items for u in pending))
+    executor: ChunkExecutor | None = None
+    done = failures = 0
+    try:
+        for upload in pending:
+            files = UploadFiles(layout.upload_dir(settings.data_dir, upload.dataset_id, upload.path))
+            if upload.kind == UploadKind.EMBEDDINGS:
+                embedded, failed = _copy_upload(upload, files, store, ctx, settings, db, done), 0
+            else:
+                executor = executor or _image_executor(encoder_name, settings)
+                embedded, failed = _embed_upload(upload, files, store, executor, ctx, settings, done)
+            _mark_embedded(db, upload.id, embedded, failed)
+            done += upload.num_items
+            failures += failed
+            ctx.progress(done)
+    finally:
+        if executor is not None:
+            executor.close()
+    return failures
 
-    _, labels, features = read_unit_features(store, labelled_only=True)
-    return knn_agreement(features, labels, k)
+
+def _weights_sha256(store: EmbeddingStore, encoder_name: str, device: str) -> str | None:
+    # The store records the encoder that made its features (whichever executor ran it); load
+    # the model only when there is no record yet.
+    record = store.encoder_record()
+    if record is not None:
+        return record.get("weights_sha256")
+    return getattr(_load_image_encoder(encoder_name, device), "weights_sha256", None)
 
 
 def _mark_embedded(db: sessionmaker, upload_id: int, embedded: int, failed: int) -> None:
     with db() as session:
         upload = session.get(Upload, upload_id)
         if upload is not None:
-            upload.state = "embedded"
+            upload.state = UploadState.EMBEDDED
             upload.num_embedded = embedded
             upload.num_failed = failed
             session.commit()
 
 
-def _ingest_embeddings(
+def _copy_upload(
     upload: Upload,
-    root: Path,
+    files: UploadFiles,
     store: EmbeddingStore,
     ctx: JobContext,
     settings: Settings,
     db: sessionmaker,
     done_before: int,
 ) -> int:
-    """Copy an uploaded matrix into the store in chunks; resumes after the last chunk present."""
-    from service.ingest.features import load_embeddings
-
-    folder = root / upload.path
+    """Copy an uploaded matrix into the store; resumes after the last chunk present."""
     if upload.first_chunk is None:
         with db() as session:
             row = session.get(Upload, upload.id)
@@ -234,52 +186,58 @@ def _ingest_embeddings(
             row.chunk_rows = settings.chunk_rows
             session.commit()
             upload.first_chunk, upload.chunk_rows = row.first_chunk, row.chunk_rows
-    first, rows = int(upload.first_chunk), int(upload.chunk_rows or settings.chunk_rows)
-    features = load_embeddings(folder / "embeddings.npy")  # memory-mapped
-    labels = np.load(folder / "labels.npy", allow_pickle=False)
-    ids = np.load(folder / "ids.npy", allow_pickle=False) if (folder / "ids.npy").exists() else None
-    n = features.shape[0]
-    n_chunks = -(-n // rows)
-    present = set(store.chunk_indices())
-    for k in range(n_chunks):
-        index = first + k
-        start, stop = k * rows, min((k + 1) * rows, n)
-        if index in present:
-            ctx.progress(done_before + stop)
-            continue
-        chunk_ids = ids[start:stop] if ids is not None else np.arange(start, stop).astype(str)
-        store.write_chunk(index, chunk_ids.tolist(), labels[start:stop].tolist(), np.asarray(features[start:stop]))
-        ctx.progress(done_before + stop)
-        ctx.chunk_finished()
-    return n
+    features = files.embeddings()
+    return copy_embeddings(
+        store,
+        features,
+        files.labels(),
+        files.ids(features.shape[0]) if files.has_ids() else None,
+        first_chunk=int(upload.first_chunk),
+        chunk_rows=int(upload.chunk_rows or settings.chunk_rows),
+        progress=lambda stop: ctx.progress(done_before + stop),
+        on_chunk=ctx.chunk_finished,
+    )
 
 
-def check_image_encoder_name(name: str) -> None:
-    if not is_image_encoder(name):
-        raise JobFailed(
-            f"the dataset's encoder {name!r} names precomputed embeddings; images need an image encoder "
-            "(open_clip:<model>:<tag> or efficientnet-lite0): create a dataset with one"
-        )
-
-
-def load_image_encoder(name: str, settings: Settings):  # type: ignore[no-untyped-def]
-    check_image_encoder_name(name)
+def _load_image_encoder(name: str, device: str):  # type: ignore[no-untyped-def]
     try:
-        from service.encoders import EncoderError, load_encoder
+        require_image_encoder(name)
+        from service.encoders import load_encoder
     except ImportError as exc:
         raise JobFailed(f"image encoders are not available in this installation: {exc}") from None
+    except EncoderError as exc:
+        raise JobFailed(str(exc)) from None
     try:
-        return load_encoder(name, device=settings.device)
+        return load_encoder(name, device=device)
     except EncoderError as exc:
         raise JobFailed(str(exc)) from None
 
 
-def _ingest_archive(
+def _image_executor(encoder_name: str, settings: Settings) -> ChunkExecutor:
+    """The executor strategy the settings name, for this dataset's encoder."""
+    if settings.executor == ExecutorKind.RAY:
+        try:
+            require_image_encoder(encoder_name)
+            from service.pipeline.ray_executor import RayExecutor, RaySettings
+        except EncoderError as exc:
+            raise JobFailed(str(exc)) from None
+        except ImportError as exc:
+            raise JobFailed(f"DIFFICULTY_EXECUTOR=ray needs the ray extra (pip install '.[ray]'): {exc}") from None
+        return RayExecutor(
+            encoder_name,
+            device=settings.device,
+            settings=RaySettings(address=settings.ray_address, num_actors=settings.ray_actors),
+        )
+    from service.pipeline.embedding import LocalExecutor
+
+    return LocalExecutor(_load_image_encoder(encoder_name, settings.device))
+
+
+def _embed_upload(
     upload: Upload,
-    root: Path,
+    files: UploadFiles,
     store: EmbeddingStore,
-    encoder: object,
-    encoder_name: str,
+    executor: ChunkExecutor,
     ctx: JobContext,
     settings: Settings,
     done_before: int,
@@ -287,7 +245,6 @@ def _ingest_archive(
     from service.ingest import open_source
     from service.pipeline.embedding import embed_source
 
-    source = open_source(root / upload.path / "archive")
     chunks_before = store.next_index()
 
     def progress(done: int, total: int | None) -> None:
@@ -300,51 +257,26 @@ def _ingest_archive(
                 chunks_before = now
                 time.sleep(ctx.chunk_delay_seconds)
 
-    if settings.executor == "ray":
-        report = _embed_on_ray(source, encoder_name, store, upload.num_items, settings, ctx, progress)
-    else:
+    try:
         report = embed_source(
-            source,
-            encoder,
+            open_source(files.archive),
+            executor,
             store,
             total=upload.num_items,
             chunk_size=settings.image_chunk_rows,
             progress=progress,
             should_stop=ctx.should_stop,
         )
+    except (JobFailed, JobStopped):
+        raise
+    except EncoderError as exc:
+        raise JobFailed(str(exc)) from None
+    except Exception as exc:
+        if settings.executor != ExecutorKind.RAY:
+            raise
+        # A RayTaskError wraps the actor's own error (e.g. missing weights).
+        cause = getattr(exc, "cause", None) or exc
+        raise JobFailed(f"embedding on Ray failed: {type(cause).__name__}: {cause}") from None
     if report.stopped:
         ctx.check()  # raises JobStopped: cancelled or lease lost
     return int(report.embedded) + int(report.skipped_existing), len(report.failures)
-
-
-def _embed_on_ray(
-    source: Iterable[Sample],
-    encoder_name: str,
-    store: EmbeddingStore,
-    total: int,
-    settings: Settings,
-    ctx: JobContext,
-    progress: Callable[[int, int | None], None],
-) -> EmbedReport:
-    """The same embedding on a Ray cluster; the store ends up as the local executor leaves it."""
-    try:
-        from service.pipeline.ray_executor import RaySettings, embed_source_ray
-    except ImportError as exc:
-        raise JobFailed(f"DIFFICULTY_EXECUTOR=ray needs the ray extra (pip install '.[ray]'): {exc}") from None
-    try:
-        return embed_source_ray(
-            source,
-            encoder_name,
-            store,
-            total=total,
-            chunk_size=settings.image_chunk_rows,
-            device=settings.device,
-            settings=RaySettings(address=settings.ray_address, num_actors=settings.ray_actors),
-            progress=progress,
-            should_stop=ctx.should_stop,
-        )
-    except (JobFailed, JobStopped):
-        raise
-    except Exception as exc:  # a RayTaskError wraps the actor's own error (e.g. missing weights)
-        cause = getattr(exc, "cause", None) or exc
-        raise JobFailed(f"embedding on Ray failed: {type(cause).__name__}: {cause}") from None

@@ -15,17 +15,21 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.domain import ACTIVE_JOB_STATES as ACTIVE
+from service.domain import FINAL_JOB_STATES as FINAL
+from service.domain import JobKind, JobState
+from service.errors import Conflict
 from service.storage.database import Job, utcnow
 
-ACTIVE = ("queued", "running")
-FINAL = ("succeeded", "failed", "cancelled")
 # A job that killed this many workers is failed rather than handed to the next one.
 MAX_ATTEMPTS = 5
 
 
-class JobConflict(Exception):
+class JobConflict(Conflict):
+    """A fit job is already queued or running for the dataset."""
+
     def __init__(self, job_id: str) -> None:
-        super().__init__(job_id)
+        super().__init__(f"a fit job is already queued or running for this dataset: {job_id}")
         self.job_id = job_id
 
 
@@ -35,7 +39,7 @@ def active_job(session: Session, dataset_id: str) -> Job | None:
     ).first()
 
 
-def enqueue(session: Session, *, dataset_id: str, tenant: str, kind: str, options: dict[str, Any]) -> Job:
+def enqueue(session: Session, *, dataset_id: str, tenant: str, kind: JobKind, options: dict[str, Any]) -> Job:
     """Queue a job; one active job per dataset (a second one would race on its files).
 
     The check is for a clear message; the partial unique index on jobs(dataset_id) decides
@@ -47,7 +51,7 @@ def enqueue(session: Session, *, dataset_id: str, tenant: str, kind: str, option
         dataset_id=dataset_id,
         tenant=tenant,
         kind=kind,
-        state="queued",
+        state=JobState.QUEUED,
         options=options,
         progress={"done": 0, "total": None, "per_second": None, "eta_seconds": None},
         attempts=0,
@@ -64,7 +68,7 @@ def enqueue(session: Session, *, dataset_id: str, tenant: str, kind: str, option
 
 
 def _claimable(now: float):  # type: ignore[no-untyped-def]
-    return or_(Job.state == "queued", and_(Job.state == "running", Job.lease_expires_at < now))
+    return or_(Job.state == JobState.QUEUED, and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now))
 
 
 def claim(db: sessionmaker, owner: str, lease_seconds: float) -> Job | None:
@@ -79,7 +83,7 @@ def claim(db: sessionmaker, owner: str, lease_seconds: float) -> Job | None:
                 update(Job)
                 .where(Job.id == job_id, _claimable(now))
                 .values(
-                    state="running",
+                    state=JobState.RUNNING,
                     lease_owner=owner,
                     lease_expires_at=now + lease_seconds,
                     heartbeat_at=now,
@@ -114,7 +118,7 @@ def heartbeat(
     with db() as session:
         result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
             .values(**values)
         )
         session.commit()
@@ -138,7 +142,7 @@ def finish(
     assert state in FINAL
     statement = (
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
         .values(state=state, error=error, result=result, finished_at=utcnow(), lease_expires_at=None)
     )
     if progress is not None:
@@ -164,7 +168,7 @@ def request_cancel(session: Session, job_id: str) -> bool:
     # Still queued: no worker will see the flag, so cancel it here. A worker that claimed it
     # meanwhile sees cancel_requested right after its claim.
     session.execute(
-        update(Job).where(Job.id == job_id, Job.state == "queued").values(state="cancelled", finished_at=utcnow())
+        update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED).values(state=JobState.CANCELLED, finished_at=utcnow())
     )
     session.flush()
     return flagged == 1

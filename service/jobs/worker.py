@@ -20,11 +20,12 @@ import uuid
 
 from sqlalchemy.orm import sessionmaker
 
+from service.domain import JobKind, JobState
 from service.jobs import queue
 from service.jobs.context import JobContext, JobFailed, JobStopped
 from service.jobs.fit import run_fit_job
 from service.settings import Settings, SettingsError, load_settings
-from service.storage.database import Job, make_engine, make_sessionmaker, migrate
+from service.storage.database import Job, open_database
 
 log = logging.getLogger("service.worker")
 
@@ -58,14 +59,14 @@ class Worker:
 
     def execute(self, job: Job) -> None:
         if job.cancel_requested:
-            queue.finish(self.db, job.id, self.owner, "cancelled", error="cancelled by request")
+            queue.finish(self.db, job.id, self.owner, JobState.CANCELLED, error="cancelled by request")
             return
         if job.attempts > queue.MAX_ATTEMPTS:
             queue.finish(
                 self.db,
                 job.id,
                 self.owner,
-                "failed",
+                JobState.FAILED,
                 error=f"the job was interrupted {job.attempts - 1} times (its workers died); "
                 "check the worker logs (out of memory?) and start a new fit",
             )
@@ -75,23 +76,23 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, args=(ctx, finished), daemon=True)
         beat.start()
         try:
-            if job.kind != "fit":
+            if job.kind != JobKind.FIT:
                 raise JobFailed(f"unknown job kind {job.kind!r}")
             run_fit_job(job, ctx, self.settings, self.db)
         except JobStopped:
             if ctx.cancel_requested and not ctx.lease_lost:
-                queue.finish(self.db, job.id, self.owner, "cancelled", error="cancelled by request",
+                queue.finish(self.db, job.id, self.owner, JobState.CANCELLED, error="cancelled by request",
                              progress=ctx.snapshot())
             log.info("job %s stopped (%s)", job.id, "cancelled" if ctx.cancel_requested else "lease lost")
         except JobFailed as exc:
-            queue.finish(self.db, job.id, self.owner, "failed", error=str(exc), progress=ctx.snapshot())
+            queue.finish(self.db, job.id, self.owner, JobState.FAILED, error=str(exc), progress=ctx.snapshot())
         except Exception as exc:  # keep the worker alive; tell the user what happened and where
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
             queue.finish(
                 self.db,
                 job.id,
                 self.owner,
-                "failed",
+                JobState.FAILED,
                 error=f"unexpected error during {ctx.stage or 'start-up'}: {type(exc).__name__}: {exc} "
                 "(the worker log has the traceback; retry the fit, and report it if it repeats)",
             )
@@ -137,13 +138,6 @@ class Worker:
                 continue
             ctx.lease_lost = ctx.lease_lost or not owned
             ctx.cancel_requested = ctx.cancel_requested or cancel
-
-
-def open_database(settings: Settings) -> sessionmaker:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.database_url)
-    migrate(engine)
-    return make_sessionmaker(engine)
 
 
 def worker_command(args: argparse.Namespace) -> int:

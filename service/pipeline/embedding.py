@@ -1,9 +1,11 @@
 """Images -> features in a chunk store: decode in parallel, embed in batches, write per chunk.
 
 The unit of work is :func:`embed_chunk` (samples -> features + failures + statistics); it does no
-I/O besides reading the samples, so a Ray actor can run it unchanged. :func:`embed_source` drives
-it: skips what the store already holds (resume), writes each finished chunk atomically with the
-list of items it could not use, and reports progress.
+I/O besides reading the samples, so a Ray actor can run it unchanged. Executors are strategies
+that run it over a stream of chunks: :class:`LocalExecutor` in this process, ``RayExecutor``
+(``pipeline.ray_executor``) on a cluster. :func:`embed_source` is the one driver: it skips what
+the store already holds (resume), groups the rest into chunks, hands them to the executor, writes
+each finished chunk atomically with the items it could not use, and reports progress.
 
 Overlap: decode + preprocess run in a thread pool a few batches ahead of the forward pass (PIL's
 decoders/resamplers and torch kernels release the GIL), so on a CPU the forward pass, not the
@@ -13,29 +15,28 @@ decode, sets the pace; on CUDA, batches are staged in pinned memory and JPEGs de
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import ExifTags
 
-from service.encoders.base import Encoder, EncoderError
+from service.encoders.base import Encoder
+from service.encoders.names import EncoderError
 from service.ingest.sample import Sample
 from service.pipeline.decode import BadImage, decode_image, open_image, read_sample_bytes
 from service.pipeline.fitting import add_labelled, extend_statistics_cache
 from service.pipeline.gpu_decode import decode_batch_on_gpu, gpu_decode_supported
 from service.statistics import SufficientStatistics
-from service.storage.embeddings import EmbeddingStore, failures_path, read_failures
-from service.storage.files import atomic_write_bytes
+from service.storage.embeddings import EmbeddingStore
 
-ENCODER_RECORD = "encoder.json"
+Tick = Callable[[int], None]  # told how many samples were settled (embedded, failed or present)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ChunkResult:
     # chunks and workers with SufficientStatistics.merge. None when nothing was labelled.
     statistics: SufficientStatistics | None = None
     stopped: bool = False  # should_stop() fired: this result is partial and must not be stored
+    encoder: dict | None = None  # the encoder's describe() record, where the executor reports it
 
 
 @dataclass
@@ -126,6 +128,22 @@ def default_workers() -> int:
     return max(1, min(16, cpus))
 
 
+@dataclass
+class DecodePool:
+    """The decode threads and their number (prefetch depth is sized from it)."""
+
+    pool: ThreadPoolExecutor
+    workers: int
+
+    @classmethod
+    def start(cls, num_workers: int | None = None) -> DecodePool:
+        workers = num_workers or default_workers()
+        return cls(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode"), workers)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 # -- the unit of work -------------------------------------------------------------------------
 
 
@@ -135,9 +153,9 @@ def embed_chunk(
     *,
     batch_size: int = 64,
     num_workers: int | None = None,
-    pool: ThreadPoolExecutor | None = None,
+    decode: DecodePool | None = None,
     should_stop: Callable[[], bool] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Tick | None = None,
     with_statistics: bool = True,
 ) -> ChunkResult:
     """Decode, preprocess and embed ``samples``; bad items become failures, never exceptions.
@@ -145,9 +163,9 @@ def embed_chunk(
     ``on_batch(n)`` is told after each forward pass how many samples it settled (embedded or
     failed). ``should_stop`` is polled before each batch; when it fires the result is marked
     ``stopped`` (partial: do not store it)."""
-    own_pool = pool is None
-    if pool is None:
-        pool = ThreadPoolExecutor(max_workers=num_workers or default_workers(), thread_name_prefix="decode")
+    own_pool = decode is None
+    if decode is None:
+        decode = DecodePool.start(num_workers)
     gpu_jpeg = gpu_decode_supported(encoder.device, encoder.preprocessing)
     pinned = encoder.device.type == "cuda"
     ids: list[str] = []
@@ -171,10 +189,9 @@ def embed_chunk(
         batch = []
 
     try:
-        workers = getattr(pool, "_max_workers", 4)
-        ahead = 2 * batch_size + workers  # two batches queued behind the one in flight
-        group_size = max(1, min(16, batch_size // (2 * workers)))
-        prepared = _prepared_in_order(samples, encoder, pool, ahead, gpu_jpeg, group_size)
+        ahead = 2 * batch_size + decode.workers  # two batches queued behind the one in flight
+        group_size = max(1, min(16, batch_size // (2 * decode.workers)))
+        prepared = _prepared_in_order(samples, encoder, decode.pool, ahead, gpu_jpeg, group_size)
         for sample, (kind, payload) in prepared:
             if kind == "bad":
                 failures.append((sample.sample_id, str(payload)))
@@ -195,11 +212,11 @@ def embed_chunk(
             on_batch(settled)
     finally:
         if own_pool:
-            pool.shutdown(wait=True, cancel_futures=True)
+            decode.close()
     dim = encoder.dim
     features = np.stack(parts).astype(np.float32) if parts else np.zeros((0, dim), np.float32)
     statistics = chunk_statistics(features, labels, ids) if with_statistics and not stopped else None
-    return ChunkResult(ids, labels, features, failures, statistics, stopped)
+    return ChunkResult(ids, labels, features, failures, statistics, stopped, encoder.describe())
 
 
 def _embed_batch(
@@ -254,12 +271,59 @@ def chunk_statistics(features: np.ndarray, labels: Sequence[str], ids: Sequence[
     return add_labelled(None, features, np.asarray(labels, dtype=object), np.asarray(ids, dtype=object), normalize=True)
 
 
+# -- executors ---------------------------------------------------------------------------------
+
+
+class ChunkExecutor(Protocol):
+    """A strategy that embeds a stream of chunks and yields one :class:`ChunkResult` per chunk,
+    in input order (the driver stores them in that order)."""
+
+    @property
+    def encoder_record(self) -> dict | None:
+        """The encoder's record when known before the first chunk (then a mismatch with the
+        store fails before any work); else each result carries it."""
+
+    def embed_chunks(
+        self, chunks: Iterable[list[Sample]], *, tick: Tick, should_stop: Callable[[], bool] | None
+    ) -> Iterator[ChunkResult]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Chunks embedded one after another in this process, with one decode pool for the run."""
+
+    def __init__(self, encoder: Encoder, *, batch_size: int = 64, num_workers: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.decode = DecodePool.start(num_workers)
+
+    @property
+    def encoder_record(self) -> dict:
+        return self.encoder.describe()
+
+    def embed_chunks(
+        self, chunks: Iterable[list[Sample]], *, tick: Tick, should_stop: Callable[[], bool] | None
+    ) -> Iterator[ChunkResult]:
+        for pending in chunks:
+            # Statistics are left to the driver's side thread, off the path between forward passes.
+            yield embed_chunk(
+                pending, self.encoder, batch_size=self.batch_size, decode=self.decode,
+                should_stop=should_stop, on_batch=tick, with_statistics=False,
+            )
+
+    def close(self) -> None:
+        self.decode.close()
+
+
 # -- the driver -------------------------------------------------------------------------------
 
 
 def embed_source(
     samples: Iterable[Sample],
-    encoder: Encoder,
+    executor: ChunkExecutor | Encoder,
     store: EmbeddingStore,
     *,
     total: int | None = None,
@@ -271,26 +335,48 @@ def embed_source(
 ) -> EmbedReport:
     """Embed every sample not yet in ``store``, one chunk at a time; resumable.
 
-    ``progress(done, total)`` counts samples settled in this call (embedded, failed or already
-    present). Failures are listed in ``failures-NNNNNN.json`` beside the chunk they belong to
-    (see :func:`read_failures`); items that failed before are not retried on resume."""
+    ``executor``: a :class:`ChunkExecutor`, or an encoder (then a :class:`LocalExecutor` with
+    ``batch_size`` and ``num_workers``, closed at the end). ``progress(done, total)`` counts
+    samples settled in this call (embedded, failed or already present). Failures are listed
+    beside the chunk they belong to (``EmbeddingStore.failures``); items that failed before are
+    not retried on resume."""
     if chunk_size < 1 or batch_size < 1:
         raise ValueError("chunk_size and batch_size must be at least 1")
     started = time.perf_counter()
-    check_encoder_record(store, encoder.describe())
+    own = isinstance(executor, Encoder)
+    runner: ChunkExecutor = LocalExecutor(executor, batch_size=batch_size, num_workers=num_workers) if own else executor  # type: ignore[arg-type]
     report = EmbedReport()
     tick = SettledCounter(progress, total)
-    pool = ThreadPoolExecutor(max_workers=num_workers or default_workers(), thread_name_prefix="decode")
     # Statistics of each written chunk are accumulated on a side thread (BLAS releases the GIL),
     # off the path between forward passes: at GPU rates a 1280-d float64 update is not free.
     stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statistics")
     first_chunk = store.next_index()
-    try:
+    early: deque[list[tuple[str, str]]] = deque()
+
+    def pending_chunks() -> Iterator[list[Sample]]:
         for pending, early_failures in chunks_to_embed(samples, store, chunk_size, report, tick):
-            if not _run_chunk(pending, early_failures, encoder, store, report, pool, stats_pool, batch_size, should_stop, tick):
+            early.append(early_failures)
+            yield pending
+
+    try:
+        record = runner.encoder_record
+        if record is not None:
+            check_encoder_record(store, record)
+        for result in runner.embed_chunks(pending_chunks(), tick=tick, should_stop=should_stop):
+            if result.stopped:
+                report.stopped = True
+                break
+            if record is None and result.encoder is not None:
+                record = result.encoder
+                check_encoder_record(store, record)
+            store_chunk(store, result.sample_ids, result.labels, result.features, early.popleft() + result.failures, report)
+            stats_pool.submit(_accumulate, report, result)
+            if should_stop is not None and should_stop():
+                report.stopped = True
                 break
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if own:
+            runner.close()
         stats_pool.shutdown(wait=True)
     extend_statistics_cache(store, first_chunk, first_chunk + report.chunks_written, report.statistics)
     report.seconds = time.perf_counter() - started
@@ -317,13 +403,12 @@ def chunks_to_embed(
     store: EmbeddingStore,
     chunk_size: int,
     report: EmbedReport,
-    tick: Callable[[int], None],
+    tick: Tick,
 ) -> Iterator[tuple[list[Sample], list[tuple[str, str]]]]:
     """Group the samples not yet in the store (embedded or listed as failed before) into chunks
-    of ``chunk_size``, each with the duplicates found while filling it. Every executor groups
-    this way, so their stores match."""
+    of ``chunk_size``, each with the duplicates found while filling it."""
     known = set(store.sample_ids().tolist())
-    known.update(sample_id for sample_id, _ in read_failures(store.directory))
+    known.update(sample_id for sample_id, _ in store.failures())
     seen: set[str] = set()
     pending: list[Sample] = []
     early_failures: list[tuple[str, str]] = []
@@ -354,43 +439,24 @@ def store_chunk(
     report: EmbedReport,
 ) -> None:
     """Write one finished chunk and its failures. Failures first, chunk last: the chunk file
-    marks the pair complete (read_failures ignores a failures file whose chunk is missing, and
-    the next run rewrites it)."""
+    marks the pair complete (a failures file whose chunk is missing does not count, and the
+    next run rewrites it)."""
     index = store.next_index()
-    atomic_write_bytes(failures_path(store.directory, index), json.dumps(failures).encode())
+    store.write_failures(index, failures)
     store.write_chunk(index, sample_ids, labels, features)
     report.embedded += len(sample_ids)
     report.failures.extend(failures)
     report.chunks_written += 1
 
 
-def _run_chunk(
-    pending: list[Sample],
-    early_failures: list[tuple[str, str]],
-    encoder: Encoder,
-    store: EmbeddingStore,
-    report: EmbedReport,
-    pool: ThreadPoolExecutor,
-    stats_pool: ThreadPoolExecutor,
-    batch_size: int,
-    should_stop: Callable[[], bool] | None,
-    tick: Callable[[int], None],
-) -> bool:
-    """Embed and store one chunk; False when stopped (nothing of this chunk is stored)."""
-    result = embed_chunk(
-        pending, encoder, batch_size=batch_size, pool=pool, should_stop=should_stop, on_batch=tick,
-        with_statistics=False,
-    )
-    if result.stopped:
-        report.stopped = True
-        return False
-    store_chunk(store, result.sample_ids, result.labels, result.features, early_failures + result.failures, report)
-    stats_pool.submit(_accumulate, report, result)
-    return True
-
-
 def _accumulate(report: EmbedReport, result: ChunkResult) -> None:
     # Runs on the single statistics thread, so updates to report.statistics are serialised.
+    if result.statistics is not None:  # computed by the executor (a Ray actor)
+        if report.statistics is None:
+            report.statistics = result.statistics
+        else:
+            report.statistics.merge_in_place(result.statistics)
+        return
     report.statistics = add_labelled(
         report.statistics,
         result.features,
@@ -403,9 +469,8 @@ def _accumulate(report: EmbedReport, result: ChunkResult) -> None:
 def check_encoder_record(store: EmbeddingStore, record: dict) -> None:
     """Record the encoder (its ``describe()``) with the first chunk; refuse to mix features of
     different encoders."""
-    path = store.directory / ENCODER_RECORD
-    if path.exists():
-        previous = json.loads(path.read_text())
+    previous = store.encoder_record()
+    if previous is not None:
         if (previous.get("name"), previous.get("weights_sha256")) != (record["name"], record["weights_sha256"]):
             raise EncoderError(
                 f"this embedding set was made with {previous.get('name')} "
@@ -416,9 +481,4 @@ def check_encoder_record(store: EmbeddingStore, record: dict) -> None:
         return
     if store.chunk_indices():
         return  # features from elsewhere (uploaded); nothing to compare against
-    atomic_write_bytes(path, json.dumps(record, indent=2).encode())
-
-
-def read_encoder_record(store_directory: str | Path) -> dict | None:
-    path = Path(store_directory) / ENCODER_RECORD
-    return json.loads(path.read_text()) if path.exists() else None
+    store.write_encoder_record(record)

@@ -7,10 +7,8 @@ pass over the stored features; memory stays O(chunk x D + K x D + D^2).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,11 +21,14 @@ from service.statistics import (
     normalize_features,
 )
 from service.storage.embeddings import EmbeddingStore
-from service.storage.files import atomic_savez, load_npz
 
 Progress = Callable[[int, int], None]  # (done, total) samples
 
 SCORE_COLUMNS = ("sample_id", "label", "rmd", "md_class", "md_agnostic", "rmd_min", "predicted_label")
+
+
+def _cache_tag(normalize: bool) -> str:
+    return "normalized" if normalize else "raw"
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def add_labelled(
     if normalize:
         x = normalize_features(x)
     if stats is None:
-        stats = SufficientStatistics(dim=x.shape[1])
+        stats = SufficientStatistics(dim=x.shape[1], normalized=normalize)
     return stats.update(x, np.asarray(labels)[keep].tolist(), np.asarray(sample_ids)[keep].tolist())
 
 
@@ -65,13 +66,14 @@ def labelled_statistics(
 ) -> SufficientStatistics:
     """Statistics of the labelled samples in the store, reusing the cached prefix."""
     indices = store.chunk_indices()
-    tag = "normalized" if normalize else "raw"
-    cached = _latest_cache(store, tag, len(indices))
+    tag = _cache_tag(normalize)
+    cached = store.cached_statistics(tag, len(indices))
     stats: SufficientStatistics | None = None
     start = 0
     if cached is not None:
-        start, path = cached
-        stats = SufficientStatistics.from_arrays(load_npz(path))
+        start, arrays = cached
+        stats = SufficientStatistics.from_arrays(arrays)
+        stats.normalized = normalize  # the cache's tag says so (older caches lack the field)
     total = len(indices)
     for done, index in enumerate(indices[start:], start=1):
         chunk = store.read_chunk(index)
@@ -81,7 +83,7 @@ def labelled_statistics(
     if stats is None:
         raise ValueError("the dataset has no labelled samples yet")
     if indices and (cached is None or cached[0] != len(indices)):
-        _write_cache(store, tag, len(indices), stats)
+        store.write_statistics(tag, len(indices), stats.to_arrays())
     return stats
 
 
@@ -94,41 +96,19 @@ def extend_statistics_cache(
     ``first_chunk``; otherwise leaves the cache alone (the fit then reads those chunks)."""
     if end_chunk <= first_chunk:
         return False
-    tag = "normalized"
+    tag = _cache_tag(True)
     base: SufficientStatistics | None = None
     if first_chunk > 0:
-        cached = _latest_cache(store, tag, first_chunk)
+        cached = store.cached_statistics(tag, first_chunk)
         if cached is None or cached[0] != first_chunk:
             return False
-        base = SufficientStatistics.from_arrays(load_npz(cached[1]))
+        base = SufficientStatistics.from_arrays(cached[1])
+        base.normalized = True
     if stats is None and base is None:
         return False  # nothing labelled yet: the fit computes (and caches) from the features
     merged = stats if base is None else (base if stats is None else base.merge(stats))
-    _write_cache(store, tag, end_chunk, merged)
+    store.write_statistics(tag, end_chunk, merged.to_arrays())
     return True
-
-
-def _cache_files(store: EmbeddingStore, tag: str) -> list[tuple[int, Path]]:
-    # A cache "upto-k" covers chunks 0..k-1; valid only while those chunks are unchanged,
-    # which holds because chunks are append-only.
-    if not store.directory.is_dir():
-        return []
-    pattern = re.compile(rf"^stats-{tag}-upto-(\d{{6}})\.npz$")
-    return [(int(m.group(1)), p) for p in store.directory.iterdir() if (m := pattern.match(p.name))]
-
-
-def _latest_cache(store: EmbeddingStore, tag: str, max_chunks: int) -> tuple[int, Path] | None:
-    usable = [entry for entry in _cache_files(store, tag) if entry[0] <= max_chunks]
-    return max(usable, default=None, key=lambda entry: entry[0])
-
-
-def _write_cache(store: EmbeddingStore, tag: str, upto: int, stats: SufficientStatistics) -> None:
-    """Write the cache for chunks 0..upto-1 and remove the shorter prefixes it supersedes (each
-    is F x D x D float64: tens to hundreds of MB)."""
-    atomic_savez(store.directory / f"stats-{tag}-upto-{upto:06d}.npz", stats.to_arrays())
-    for covered, path in _cache_files(store, tag):
-        if covered < upto:
-            path.unlink(missing_ok=True)
 
 
 def score_store(
@@ -172,6 +152,8 @@ def fit_store(
     shrinkage: Shrinkage = "auto",
     progress: Progress | None = None,
 ) -> FitResult:
+    """Gaussians and the score columns of SCORE_COLUMNS (the statistics core alone; the fit use
+    case, :func:`service.pipeline.fit_dataset.fit_and_score`, adds the neighbor column)."""
     stats = labelled_statistics(store, normalize=normalize)
-    model = fit_gaussians(stats, shrinkage, normalized=normalize)
+    model = fit_gaussians(stats, shrinkage)
     return FitResult(model, score_store(model, store, progress))

@@ -2,11 +2,11 @@
 
     samples -> chunks (driver) -> from_items -> map_batches(EmbedChunks actor pool) -> store
 
-One Ray Data row is one chunk of the local executor: the same grouping of samples into chunks,
-the same unit of work (:func:`service.pipeline.embedding.embed_chunk`, unchanged), and the
-driver writes each returned chunk into the :class:`EmbeddingStore` exactly as the local executor
-does (failures file, then the chunk file). So a job can switch executors, or resume a run of the
-other executor, and gets the same store.
+:class:`RayExecutor` is a strategy of the one embedding driver
+(:func:`service.pipeline.embedding.embed_source`): one Ray Data row is one chunk of that driver,
+the unit of work is :func:`service.pipeline.embedding.embed_chunk`, unchanged, and the driver
+writes each returned chunk into the :class:`EmbeddingStore` as for the local executor. So a job
+can switch executors, or resume a run of the other executor, and gets the same store.
 
 Rows carry a sample's path where the source has one (folders, manifests: read on the worker, a
 shared filesystem or object store is assumed, as in any Ray cluster) and the encoded bytes
@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,16 +33,8 @@ from typing import Any
 import numpy as np
 
 from service.ingest.sample import Sample
-from service.pipeline.embedding import (
-    EmbedReport,
-    SettledCounter,
-    check_encoder_record,
-    chunks_to_embed,
-    store_chunk,
-)
-from service.pipeline.fitting import extend_statistics_cache
+from service.pipeline.embedding import ChunkResult, Tick
 from service.statistics import SufficientStatistics
-from service.storage.embeddings import EmbeddingStore
 
 # Encoded bytes sent to the cluster per Ray Data pipeline (window). Path rows are tiny and are
 # all sent in one window, so the actor pool (and its model load) lives for the whole run.
@@ -69,14 +60,12 @@ class EmbedChunks:
         # Ray pins OMP_NUM_THREADS to the actor's whole CPUs (1 for fractional requests); use
         # what the actor reserved for the forward pass on CPU.
         torch.set_num_threads(max(1, int(round(cpus))))
-        from concurrent.futures import ThreadPoolExecutor
-
-        from service.pipeline.embedding import default_workers
+        from service.pipeline.embedding import DecodePool
 
         self.encoder = load_encoder(encoder_name, device=device)
         self.batch_size = batch_size
         # One decode pool for the actor's life, not one started and joined per chunk.
-        self.pool = ThreadPoolExecutor(max_workers=num_workers or default_workers(), thread_name_prefix="decode")
+        self.decode = DecodePool.start(num_workers)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         from service.pipeline.embedding import embed_chunk
@@ -84,7 +73,7 @@ class EmbedChunks:
         out: dict[str, list[Any]] = {k: [] for k in ("index", "sample_ids", "labels", "features", "failures", "statistics", "encoder")}
         for row in range(len(batch["index"])):
             samples = list(_samples_of(batch, row))
-            result = embed_chunk(samples, self.encoder, batch_size=self.batch_size, pool=self.pool)
+            result = embed_chunk(samples, self.encoder, batch_size=self.batch_size, decode=self.decode)
             out["index"].append(int(batch["index"][row]))
             out["sample_ids"].append(json.dumps(result.sample_ids))
             out["labels"].append(json.dumps(result.labels))
@@ -145,110 +134,92 @@ def _row(chunk: list[Sample]) -> dict[str, Any]:
     }
 
 
-def embed_source_ray(
-    samples: Iterable[Sample],
-    encoder_name: str,
-    store: EmbeddingStore,
-    *,
-    total: int | None = None,
-    chunk_size: int = 1024,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    device: str = "auto",
-    settings: RaySettings | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> EmbedReport:
-    """Same contract as :func:`service.pipeline.embedding.embed_source`, on Ray."""
-    if chunk_size < 1 or batch_size < 1:
-        raise ValueError("chunk_size and batch_size must be at least 1")
-    settings = settings or RaySettings()
-    ray = connect(settings)
-    started = time.perf_counter()
-    report = EmbedReport()
-    tick = SettledCounter(progress, total)
-    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    gpus = settings.gpus_per_actor if settings.gpus_per_actor is not None else float(cluster_gpus >= 1)
-    # One actor per GPU; a single CPU actor on a cluster without GPUs.
-    actors = settings.num_actors or (max(1, cluster_gpus) if gpus else 1)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # chunks reach the store in source order
-    context.enable_progress_bars = False
+class RayExecutor:
+    """Chunks embedded by an actor pool on a Ray cluster, sent in windows of bounded bytes."""
 
-    window: list[dict[str, Any]] = []
-    early_failures: dict[int, list[tuple[str, str]]] = {}
-    window_bytes = 0
-    first_chunk = store.next_index()
-    for chunk, early in chunks_to_embed(samples, store, chunk_size, report, tick):
-        row = _row(chunk)
-        row["index"] = len(window)
-        early_failures[len(window)] = early
-        window.append(row)
-        window_bytes += sum(len(p) for p in row["payloads"])
-        if window_bytes >= WINDOW_BYTES:
-            if not _run_window(ray, window, early_failures, encoder_name, device, batch_size, num_workers, actors, gpus, settings, store, report, tick, should_stop):
-                break
-            window, early_failures, window_bytes = [], {}, 0
-    else:
+    encoder_record = None  # the actors load the encoder: each result carries its record
+
+    def __init__(
+        self,
+        encoder_name: str,
+        *,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        device: str = "auto",
+        settings: RaySettings | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.encoder_name = encoder_name
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = device
+        self.settings = settings or RaySettings()
+        self.ray = connect(self.settings)
+        cluster_gpus = int(self.ray.cluster_resources().get("GPU", 0))
+        gpus = self.settings.gpus_per_actor
+        self.gpus = gpus if gpus is not None else float(cluster_gpus >= 1)
+        # One actor per GPU; a single CPU actor on a cluster without GPUs.
+        self.actors = self.settings.num_actors or (max(1, cluster_gpus) if self.gpus else 1)
+        context = self.ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # chunks reach the store in source order
+        context.enable_progress_bars = False
+
+    def embed_chunks(
+        self, chunks: Iterable[list[Sample]], *, tick: Tick, should_stop: Callable[[], bool] | None
+    ) -> Iterator[ChunkResult]:
+        window: list[dict[str, Any]] = []
+        window_bytes = 0
+        for chunk in chunks:
+            row = _row(chunk)
+            row["index"] = len(window)
+            window.append(row)
+            window_bytes += sum(len(p) for p in row["payloads"])
+            if window_bytes >= WINDOW_BYTES:
+                yield from self._run_window(window, tick)
+                if should_stop is not None and should_stop():
+                    return
+                window, window_bytes = [], 0
         if window:
-            _run_window(ray, window, early_failures, encoder_name, device, batch_size, num_workers, actors, gpus, settings, store, report, tick, should_stop)
-    extend_statistics_cache(store, first_chunk, first_chunk + report.chunks_written, report.statistics)
-    report.seconds = time.perf_counter() - started
-    return report
+            yield from self._run_window(window, tick)
 
+    def _run_window(self, window: list[dict[str, Any]], tick: Tick) -> Iterator[ChunkResult]:
+        """Embed one window of chunks on the cluster, results in window order."""
+        dataset = self.ray.data.from_items(window, override_num_blocks=len(window))
+        embedded = dataset.map_batches(
+            EmbedChunks,
+            fn_constructor_kwargs={
+                "encoder_name": self.encoder_name,
+                "device": self.device,
+                "batch_size": self.batch_size,
+                "num_workers": self.num_workers,
+                "cpus": self.settings.cpus_per_actor,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            concurrency=self.actors,
+            num_gpus=self.gpus,
+            num_cpus=self.settings.cpus_per_actor,
+            # Ray Data's actor pool restarts dead actors and retries their tasks without limit by
+            # default (max_restarts=-1, max_task_retries=-1); tests/test_ray_executor.py checks it.
+        )
+        for result in embedded.iter_rows():
+            ids = json.loads(result["sample_ids"])
+            failures = [(str(a), str(b)) for a, b in json.loads(result["failures"])]
+            statistics = (
+                SufficientStatistics.from_arrays(_load_npz_bytes(result["statistics"]))
+                if result["statistics"]
+                else None
+            )
+            tick(len(ids) + len(failures))
+            yield ChunkResult(
+                sample_ids=ids,
+                labels=json.loads(result["labels"]),
+                features=np.load(io.BytesIO(result["features"]), allow_pickle=False),
+                failures=failures,
+                statistics=statistics,
+                encoder=json.loads(result["encoder"]),
+            )
 
-def _run_window(
-    ray: Any,
-    window: list[dict[str, Any]],
-    early_failures: dict[int, list[tuple[str, str]]],
-    encoder_name: str,
-    device: str,
-    batch_size: int,
-    num_workers: int | None,
-    actors: int,
-    gpus: float,
-    settings: RaySettings,
-    store: EmbeddingStore,
-    report: EmbedReport,
-    tick: Callable[[int], None],
-    should_stop: Callable[[], bool] | None,
-) -> bool:
-    """Embed one window of chunks on the cluster and store the results; False when stopped."""
-    dataset = ray.data.from_items(window, override_num_blocks=len(window))
-    embedded = dataset.map_batches(
-        EmbedChunks,
-        fn_constructor_kwargs={
-            "encoder_name": encoder_name,
-            "device": device,
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-            "cpus": settings.cpus_per_actor,
-        },
-        batch_size=1,
-        batch_format="numpy",
-        concurrency=actors,
-        num_gpus=gpus,
-        num_cpus=settings.cpus_per_actor,
-        # Ray Data's actor pool restarts dead actors and retries their tasks without limit by
-        # default (max_restarts=-1, max_task_retries=-1); tests/test_ray_executor.py checks it.
-    )
-    checked = False
-    for result in embedded.iter_rows():
-        if not checked:
-            check_encoder_record(store, json.loads(result["encoder"]))
-            checked = True
-        index = int(result["index"])
-        ids = json.loads(result["sample_ids"])
-        labels = json.loads(result["labels"])
-        features = np.load(io.BytesIO(result["features"]), allow_pickle=False)
-        failures = [tuple(f) for f in early_failures[index]] + [tuple(f) for f in json.loads(result["failures"])]
-        store_chunk(store, ids, labels, features, failures, report)  # type: ignore[arg-type]
-        if result["statistics"]:
-            stats = SufficientStatistics.from_arrays(_load_npz_bytes(result["statistics"]))
-            report.statistics = stats if report.statistics is None else report.statistics.merge_in_place(stats)
-        tick(len(ids) + len(json.loads(result["failures"])))
-        if should_stop is not None and should_stop():
-            report.stopped = True
-            return False
-    return True
-
+    def close(self) -> None:
+        pass  # the cluster outlives a run (a private local one ends with the process)

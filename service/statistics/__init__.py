@@ -1,4 +1,5 @@
-"""The math: sufficient statistics, Gaussian fits, shrinkage, scores, weights. Pure; no I/O."""
+"""The math: sufficient statistics, Gaussian fits, shrinkage, scores. Pure; no I/O. (Training
+weights belong to the trainer, which computes them from the scores it downloads.)"""
 
 from service.statistics.folds import N_FOLDS, assign_folds
 from service.statistics.gaussian import (
@@ -8,6 +9,7 @@ from service.statistics.gaussian import (
     Shrinkage,
     fit_gaussians,
     normalize_features,
+    parse_shrinkage,
 )
 from service.statistics.shrinkage import (
     SHRINKAGE_GRID,
@@ -16,7 +18,6 @@ from service.statistics.shrinkage import (
     shrink,
 )
 from service.statistics.sufficient import SufficientStatistics
-from service.statistics.weights import difficulty_weights
 
 __all__ = [
     "AUTO_MODES",
@@ -29,8 +30,8 @@ __all__ = [
     "SufficientStatistics",
     "assign_folds",
     "cross_validate_shrinkage",
-    "difficulty_weights",
     "fit_gaussians",
     "normalize_features",
+    "parse_shrinkage",
     "shrink",
 ]

@@ -1,6 +1,6 @@
 """Fit class-conditional Gaussians (tied covariance) and a class-agnostic Gaussian, then score.
 
-Conventions (SPEC section 2): covariances divided by N, float64, shrunk towards a scaled
+Conventions (docs/method.md): covariances divided by N, float64, shrunk towards a scaled
 identity; squared Mahalanobis distances through Cholesky factors; never an N x N matrix.
 """
 
@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 from scipy.linalg import eigh, solve_triangular
 
+from service.errors import InvalidInput
 from service.statistics.shrinkage import CrossValidation, cross_validate_shrinkage, shrink
 from service.statistics.sufficient import SufficientStatistics
 
@@ -25,7 +26,7 @@ MAX_CONDITION = 1e12
 SCORE_BATCH = 8192
 
 
-class FitError(ValueError):
+class FitError(InvalidInput):
     """The data cannot be fitted as asked; the message says what to change."""
 
 
@@ -191,20 +192,34 @@ class GaussianModel:
         )
 
 
-def fit_gaussians(
-    stats: SufficientStatistics, shrinkage: Shrinkage = "auto", *, normalized: bool = False
-) -> GaussianModel:
+def parse_shrinkage(value: object) -> Shrinkage:
+    """The one rule for the ``shrinkage`` option (API, CLI and fit): ``"auto"``,
+    ``"auto-shared"`` or a number in [0, 1] (numbers may come as text from a command line)."""
+    if isinstance(value, str) and value in AUTO_MODES:
+        return value  # type: ignore[return-value]
+    try:
+        rho = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        rho = float("nan")
+    if isinstance(value, bool) or not 0.0 <= rho <= 1.0:
+        shown = repr(value)[:40]
+        raise FitError(f"shrinkage must be 'auto', 'auto-shared' or a number in [0, 1], got {shown}")
+    return rho
+
+
+def fit_gaussians(stats: SufficientStatistics, shrinkage: Shrinkage = "auto") -> GaussianModel:
     """Fit from sufficient statistics.
 
-    ``shrinkage``: a rho in [0, 1] for both covariances; ``"auto"`` (SPEC section 2): for each
-    covariance the grid rho with the best 5-fold held-out likelihood; ``"auto-shared"``: the tied
-    covariance's choice applied to both. ``normalized`` records that the statistics were
-    accumulated on L2-normalised features, so that :meth:`GaussianModel.score` normalises too."""
+    ``shrinkage``: a rho in [0, 1] for both covariances; ``"auto"``: for each covariance the grid
+    rho with the best 5-fold held-out likelihood; ``"auto-shared"``: the tied covariance's choice
+    applied to both (docs/method.md). The model normalises what it scores exactly when the
+    statistics were accumulated on L2-normalised features (``stats.normalized``)."""
     n = stats.count
     if n < 2:
         raise FitError(f"need at least 2 labelled samples to fit, got {n}")
+    shrinkage = parse_shrinkage(shrinkage)
     cv = None
-    if shrinkage in AUTO_MODES:
+    if isinstance(shrinkage, str):
         cv = cross_validate_shrinkage(stats)
         rho, rho_agnostic = cv.best_tied, cv.best_agnostic
         if shrinkage == "auto-shared":
@@ -213,12 +228,7 @@ def fit_gaussians(
             # 0.1 and 0.03 and the mislabel AUROC fell from 0.95 to 0.79).
             rho_agnostic = rho
     else:
-        try:
-            rho = rho_agnostic = float(shrinkage)
-        except (TypeError, ValueError):
-            raise FitError(f"shrinkage must be a number in [0, 1], 'auto' or 'auto-shared', got {shrinkage!r}") from None
-        if not 0.0 <= rho <= 1.0:
-            raise FitError(f"shrinkage must be a number in [0, 1], 'auto' or 'auto-shared', got {shrinkage!r}")
+        rho = rho_agnostic = shrinkage
 
     counts = stats.counts.sum(axis=0)
     sums = stats.sums.sum(axis=0)
@@ -246,7 +256,7 @@ def fit_gaussians(
         covariance_agnostic=agnostic,
         shrinkage=rho,
         shrinkage_agnostic=rho_agnostic,
-        normalized=normalized,
+        normalized=stats.normalized,
         cross_validation=cv,
     )
 

@@ -29,9 +29,12 @@ class SufficientStatistics:
         counts: (F, K) samples per fold and class.
         sums: (F, K, D) sum of ``z - reference`` per fold and class.
         second_moments: (F, D, D) sum of ``(z - reference)(z - reference)^T`` per fold.
+        normalized: whether the features were L2-normalised before they were added; the model
+            fitted from these statistics normalises what it scores exactly when this is set.
     """
 
     dim: int
+    normalized: bool = False
     n_folds: int = N_FOLDS
     classes: list[str] = field(default_factory=list)
     reference: np.ndarray | None = None
@@ -108,6 +111,8 @@ class SufficientStatistics:
         running totals: no copy of the D x D moments per merge."""
         if other.dim != self.dim or other.n_folds != self.n_folds:
             raise ValueError("cannot merge statistics of different dimension or fold count")
+        if other.normalized != self.normalized:
+            raise ValueError("cannot merge statistics of normalised and raw features")
         if other.reference is None:
             return self
         if self.reference is None:
@@ -133,7 +138,9 @@ class SufficientStatistics:
         return self
 
     def copy(self) -> SufficientStatistics:
-        out = SufficientStatistics(dim=self.dim, n_folds=self.n_folds, classes=list(self.classes))
+        out = SufficientStatistics(
+            dim=self.dim, normalized=self.normalized, n_folds=self.n_folds, classes=list(self.classes)
+        )
         out.reference = None if self.reference is None else self.reference.copy()
         out.counts = self.counts.copy()
         out.sums = self.sums.copy()
@@ -145,6 +152,7 @@ class SufficientStatistics:
         return {
             "dim": np.array(self.dim),
             "n_folds": np.array(self.n_folds),
+            "normalized": np.array(self.normalized),
             "classes": np.array(self.classes, dtype=np.str_),
             "reference": np.zeros(0) if self.reference is None else self.reference,
             "counts": self.counts,
@@ -154,7 +162,11 @@ class SufficientStatistics:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SufficientStatistics:
-        out = cls(dim=int(arrays["dim"]), n_folds=int(arrays["n_folds"]))
+        out = cls(
+            dim=int(arrays["dim"]),
+            normalized=bool(arrays["normalized"]) if "normalized" in arrays else False,
+            n_folds=int(arrays["n_folds"]),
+        )
         out.classes = [str(c) for c in arrays["classes"]]
         reference = np.asarray(arrays["reference"], dtype=np.float64)
         out.reference = reference if reference.size else None

@@ -11,7 +11,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -29,6 +29,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from service.domain import JobKind, JobState, UploadState
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -63,11 +68,11 @@ class Upload(Base):
     dataset_id: Mapped[str] = mapped_column(
         String(32), ForeignKey("datasets.id", ondelete="CASCADE"), index=True
     )
-    kind: Mapped[str] = mapped_column(String(20))  # archive | embeddings
+    kind: Mapped[str] = mapped_column(String(20))  # UploadKind
     path: Mapped[str] = mapped_column(String(1000))  # relative to the dataset's folder
     num_items: Mapped[int] = mapped_column(Integer)
     classes: Mapped[dict[str, int]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(20), default="pending")  # pending | embedded
+    state: Mapped[str] = mapped_column(String(20), default=UploadState.PENDING)
     # Set when embedding starts: rows [k*chunk_rows, ...) go to store chunk first_chunk+k, so a
     # resumed job knows which rows are done from the chunks present.
     first_chunk: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -105,8 +110,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     dataset_id: Mapped[str] = mapped_column(String(32), index=True)
     tenant: Mapped[str] = mapped_column(String(200), index=True)
-    kind: Mapped[str] = mapped_column(String(20), default="fit")
-    state: Mapped[str] = mapped_column(String(20), default="queued")
+    kind: Mapped[str] = mapped_column(String(20), default=JobKind.FIT)
+    state: Mapped[str] = mapped_column(String(20), default=JobState.QUEUED)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     stage: Mapped[str | None] = mapped_column(String(40), nullable=True)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -179,3 +184,12 @@ def migrate(engine: Engine) -> None:
             if attempt == 4:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+def open_database(settings: Settings) -> sessionmaker:
+    """The database the settings name, migrated to the latest revision: how the API and every
+    worker open it. The engine is ``sessionmaker.kw["bind"]`` (dispose it at shutdown)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    return make_sessionmaker(engine)

@@ -1,12 +1,16 @@
 """Embeddings of one dataset on disk: numbered chunks, each written atomically.
 
-Layout of a store directory::
+Every file of a store directory is owned here::
 
-    chunk-000000.npz   sample_ids (str), labels (str; "" = unlabelled), features (float32 n x D)
-    chunk-000001.npz   ...
+    chunk-000000.npz                 sample_ids (str), labels (str; "" = unlabelled), features (float32 n x D)
+    failures-000000.json             [[sample_id, reason], ...]: items skipped while making chunk 0
+    encoder.json                     the encoder that made the features (name, weights SHA-256, ...)
+    stats-normalized-upto-000012.npz sufficient statistics of chunks 0..11 (a cache; "raw" when
+                                     fitted without L2 normalisation)
 
 A chunk file exists only once it is complete (temp file + rename), so an interrupted run
-resumes after the last chunk present. Chunk numbers are dense: the store refuses gaps.
+resumes after the last chunk present. Chunk numbers are dense: the store refuses gaps. A
+failures file counts only once its chunk exists (it is written first).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service.storage.files import atomic_savez, load_npz
+from service.storage.files import atomic_savez, atomic_write_bytes, load_npz
 
 _CHUNK = re.compile(r"^chunk-(\d{6})\.npz$")
+_FAILURES = re.compile(r"^failures-(\d{6})\.json$")
+ENCODER_RECORD = "encoder.json"
 
 
 @dataclass(frozen=True)
@@ -95,24 +101,55 @@ class EmbeddingStore:
         parts = [c.features for c in self.iter_chunks()]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
+    # -- items that could not be embedded ------------------------------------------------------
 
-# Items a run could not embed, one JSON list per chunk, written before the chunk it belongs to.
-_FAILURES = re.compile(r"^failures-(\d{6})\.json$")
+    def failures_path(self, index: int) -> Path:
+        return self.directory / f"failures-{index:06d}.json"
 
+    def write_failures(self, index: int, failures: Sequence[tuple[str, str]]) -> None:
+        atomic_write_bytes(self.failures_path(index), json.dumps([list(f) for f in failures]).encode())
 
-def failures_path(directory: Path, index: int) -> Path:
-    return Path(directory) / f"failures-{index:06d}.json"
+    def failures(self) -> list[tuple[str, str]]:
+        """Every (sample_id, reason) skipped so far in this store, in chunk order."""
+        if not self.directory.is_dir():
+            return []
+        chunks = set(self.chunk_indices())
+        out: list[tuple[str, str]] = []
+        for path in sorted(self.directory.iterdir()):
+            m = _FAILURES.match(path.name)
+            if m and int(m.group(1)) in chunks:
+                out.extend((str(a), str(b)) for a, b in json.loads(path.read_text()))
+        return out
 
+    # -- the encoder that made the features ----------------------------------------------------
 
-def read_failures(store_directory: str | Path) -> list[tuple[str, str]]:
-    """Every (sample_id, reason) skipped so far in this store, in chunk order."""
-    directory = Path(store_directory)
-    if not directory.is_dir():
-        return []
-    chunks = set(EmbeddingStore(directory).chunk_indices())
-    out: list[tuple[str, str]] = []
-    for path in sorted(directory.iterdir()):
-        m = _FAILURES.match(path.name)
-        if m and int(m.group(1)) in chunks:
-            out.extend((str(a), str(b)) for a, b in json.loads(path.read_text()))
-    return out
+    def encoder_record(self) -> dict | None:
+        path = self.directory / ENCODER_RECORD
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_encoder_record(self, record: dict) -> None:
+        atomic_write_bytes(self.directory / ENCODER_RECORD, json.dumps(record, indent=2).encode())
+
+    # -- cached statistics of chunk prefixes -----------------------------------------------------
+
+    def _statistics_files(self, tag: str) -> list[tuple[int, Path]]:
+        # A cache "upto-k" covers chunks 0..k-1; valid only while those chunks are unchanged,
+        # which holds because chunks are append-only.
+        if not self.directory.is_dir():
+            return []
+        pattern = re.compile(rf"^stats-{tag}-upto-(\d{{6}})\.npz$")
+        return [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := pattern.match(p.name))]
+
+    def cached_statistics(self, tag: str, max_chunks: int) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The longest cached prefix covering at most ``max_chunks`` chunks: (chunks, arrays)."""
+        usable = [entry for entry in self._statistics_files(tag) if entry[0] <= max_chunks]
+        best = max(usable, default=None, key=lambda entry: entry[0])
+        return None if best is None else (best[0], load_npz(best[1]))
+
+    def write_statistics(self, tag: str, upto: int, arrays: dict[str, np.ndarray]) -> None:
+        """Cache the statistics of chunks 0..upto-1 and remove the shorter prefixes it supersedes
+        (each is F x D x D float64: tens to hundreds of MB)."""
+        atomic_savez(self.directory / f"stats-{tag}-upto-{upto:06d}.npz", arrays)
+        for covered, path in self._statistics_files(tag):
+            if covered < upto:
+                path.unlink(missing_ok=True)

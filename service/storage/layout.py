@@ -1,14 +1,68 @@
-"""Where a dataset's files live under the data dir (one folder per dataset)."""
+"""Where everything lives under the data directory; the one place its folder names are spelled.
+
+    <data dir>/
+      difficulty.db                     the embedded default database (SQLite)
+      tmp/upload-<id>/                  uploads being received (same file system: atomic renames)
+      datasets/<dataset id>/
+        uploads/<upload id>/            one upload's files          (storage.uploads.UploadFiles)
+        embeddings/                     the dataset's features      (storage.embeddings.EmbeddingStore)
+        fits/<fit id>/                  one fit's model and scores  (storage.fits.FitFiles)
+
+IDs are the service's own (``database.new_id``); anything else is refused before it becomes a
+path, so no ID can name a folder outside its parent (and no path has to be resolved per request).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from service.storage.files import safe_join
+from service.storage.files import UnsafePathError, safe_join
+
+DATABASE_FILE = "difficulty.db"
+SPOOL_PREFIX = "upload-"
+_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+def _checked(identifier: str) -> str:
+    if not _ID.match(identifier):
+        raise UnsafePathError(f"{identifier[:80]!r} is not an ID of this service")
+    return identifier
+
+
+def database_path(data_dir: Path) -> Path:
+    return data_dir / DATABASE_FILE
+
+
+def tmp_dir(data_dir: Path) -> Path:
+    return data_dir / "tmp"
+
+
+def spool_dir(data_dir: Path, upload_id: str) -> Path:
+    """The folder an incoming upload is received into."""
+    return tmp_dir(data_dir) / f"{SPOOL_PREFIX}{_checked(upload_id)}"
+
+
+def spool_dirs(data_dir: Path) -> list[Path]:
+    folder = tmp_dir(data_dir)
+    return sorted(folder.glob(f"{SPOOL_PREFIX}*")) if folder.is_dir() else []
+
+
+def datasets_dir(data_dir: Path) -> Path:
+    return data_dir / "datasets"
 
 
 def dataset_dir(data_dir: Path, dataset_id: str) -> Path:
-    return safe_join(data_dir / "datasets", dataset_id)
+    return datasets_dir(data_dir) / _checked(dataset_id)
+
+
+def new_upload_folder(upload_id: str) -> str:
+    """An upload's folder relative to its dataset's (recorded with the upload)."""
+    return f"uploads/{_checked(upload_id)}"
+
+
+def upload_dir(data_dir: Path, dataset_id: str, folder: str) -> Path:
+    return safe_join(dataset_dir(data_dir, dataset_id), folder)
 
 
 def store_dir(data_dir: Path, dataset_id: str) -> Path:
@@ -16,4 +70,4 @@ def store_dir(data_dir: Path, dataset_id: str) -> Path:
 
 
 def fit_dir(data_dir: Path, dataset_id: str, fit_id: str) -> Path:
-    return dataset_dir(data_dir, dataset_id) / "fits" / fit_id
+    return dataset_dir(data_dir, dataset_id) / "fits" / _checked(fit_id)

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from service.errors import BadRequest
 from service.storage.files import atomic_write, atomic_write_bytes
 
 SCORES_FILE = "scores.arrow"
@@ -38,7 +39,7 @@ PARQUET_FILE = "scores.parquet"
 EXPORT_BATCH_ROWS = 65536
 
 
-class CursorError(ValueError):
+class CursorError(BadRequest):
     """The cursor is not one this service handed out."""
 
 

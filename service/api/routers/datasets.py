@@ -4,33 +4,29 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.api import operations as ops
-from service.api import schemas
-from service.api.auth import tenant_of
-from service.api.multipart import Form, receive_form
+from service import schemas
+from service.api.deps import Context, Tenant
+from service.api.multipart import receive_form
 from service.storage import scores as score_files
+from service.usecases import datasets, jobs, scores, uploads
+from service.usecases.context import AppContext
+from service.usecases.forms import Form
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-Tenant = Annotated[str, Depends(tenant_of)]
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 
-def _ctx(request: Request) -> ops.AppContext:
-    return request.app.state.ctx
-
-
 async def _receive(
-    request: Request, file_fields: set[str], text_fields: frozenset[str] | set[str] = frozenset()
+    request: Request, ctx: AppContext, file_fields: set[str], text_fields: frozenset[str] | set[str] = frozenset()
 ) -> Form:
     """The multipart body, spooled to the data dir's tmp, within the upload limit."""
-    ctx = _ctx(request)
     return await receive_form(
         request,
-        ops.spool_dir(ctx),
+        uploads.spool_dir(ctx),
         max_bytes=ctx.settings.max_upload_bytes,
         file_fields=file_fields,
         text_fields=text_fields,
@@ -63,23 +59,23 @@ ERRORS = {
 
 
 @router.post("", status_code=201, response_model=schemas.Created, responses=ERRORS)
-def create_dataset(body: schemas.DatasetCreate, request: Request, tenant: Tenant) -> schemas.Created:
-    return ops.create_dataset(_ctx(request), tenant, body)
+def create_dataset(body: schemas.DatasetCreate, ctx: Context, tenant: Tenant) -> schemas.Created:
+    return datasets.create_dataset(ctx, tenant, body)
 
 
 @router.get("", response_model=schemas.DatasetList, responses=ERRORS)
-def list_datasets(request: Request, tenant: Tenant) -> schemas.DatasetList:
-    return ops.list_datasets(_ctx(request), tenant)
+def list_datasets(ctx: Context, tenant: Tenant) -> schemas.DatasetList:
+    return datasets.list_datasets(ctx, tenant)
 
 
 @router.get("/{dataset_id}", response_model=schemas.DatasetOut, responses=ERRORS)
-def get_dataset(dataset_id: str, request: Request, tenant: Tenant) -> schemas.DatasetOut:
-    return ops.get_dataset(_ctx(request), tenant, dataset_id)
+def get_dataset(dataset_id: str, ctx: Context, tenant: Tenant) -> schemas.DatasetOut:
+    return datasets.get_dataset(ctx, tenant, dataset_id)
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=ERRORS)
-def delete_dataset(dataset_id: str, request: Request, tenant: Tenant) -> Response:
-    ops.delete_dataset(_ctx(request), tenant, dataset_id)
+def delete_dataset(dataset_id: str, ctx: Context, tenant: Tenant) -> Response:
+    datasets.delete_dataset(ctx, tenant, dataset_id)
     return Response(status_code=204)
 
 
@@ -91,11 +87,10 @@ def delete_dataset(dataset_id: str, request: Request, tenant: Tenant) -> Respons
                413: {"description": "too large"}, 422: {"description": "archive refused"}},
     openapi_extra=_multipart({"file": "zip or tar(.gz) archive in ImageFolder layout (<class>/<image>)"}, ["file"]),
 )
-async def upload_items(dataset_id: str, request: Request, tenant: Tenant) -> schemas.UploadOut:
-    ctx = _ctx(request)
-    await run_in_threadpool(ops.require_dataset, ctx, tenant, dataset_id)  # 404 before reading the body
-    form = await _receive(request, {"file"})
-    return await run_in_threadpool(ops.accept_archive, ctx, tenant, dataset_id, form)
+async def upload_items(dataset_id: str, request: Request, ctx: Context, tenant: Tenant) -> schemas.UploadOut:
+    await run_in_threadpool(datasets.require_dataset, ctx, tenant, dataset_id)  # 404 before reading the body
+    form = await _receive(request, ctx, {"file"})
+    return await run_in_threadpool(uploads.accept_archive, ctx, tenant, dataset_id, form)
 
 
 @router.post(
@@ -114,11 +109,10 @@ async def upload_items(dataset_id: str, request: Request, tenant: Tenant) -> sch
         ["embeddings", "labels"],
     ),
 )
-async def upload_embeddings(dataset_id: str, request: Request, tenant: Tenant) -> schemas.UploadOut:
-    ctx = _ctx(request)
-    await run_in_threadpool(ops.require_dataset, ctx, tenant, dataset_id)
-    form = await _receive(request, {"embeddings", "labels", "ids"}, {"encoder"})
-    return await run_in_threadpool(ops.accept_embeddings, ctx, tenant, dataset_id, form)
+async def upload_embeddings(dataset_id: str, request: Request, ctx: Context, tenant: Tenant) -> schemas.UploadOut:
+    await run_in_threadpool(datasets.require_dataset, ctx, tenant, dataset_id)
+    form = await _receive(request, ctx, {"embeddings", "labels", "ids"}, {"encoder"})
+    return await run_in_threadpool(uploads.accept_embeddings, ctx, tenant, dataset_id, form)
 
 
 @router.post(
@@ -129,16 +123,16 @@ async def upload_embeddings(dataset_id: str, request: Request, tenant: Tenant) -
 )
 def fit(
     dataset_id: str,
-    request: Request,
+    ctx: Context,
     tenant: Tenant,
     options: Annotated[schemas.FitOptions | None, Body()] = None,
 ) -> schemas.JobAccepted:
-    return ops.start_fit(_ctx(request), tenant, dataset_id, options or schemas.FitOptions())
+    return jobs.start_fit(ctx, tenant, dataset_id, options or schemas.FitOptions())
 
 
 @router.get("/{dataset_id}/jobs", response_model=list[schemas.JobOut], responses=ERRORS)
-def list_jobs(dataset_id: str, request: Request, tenant: Tenant) -> list[schemas.JobOut]:
-    return ops.list_jobs(_ctx(request), tenant, dataset_id)
+def list_jobs(dataset_id: str, ctx: Context, tenant: Tenant) -> list[schemas.JobOut]:
+    return jobs.list_jobs(ctx, tenant, dataset_id)
 
 
 @router.get(
@@ -156,7 +150,7 @@ def list_jobs(dataset_id: str, request: Request, tenant: Tenant) -> list[schemas
 )
 async def get_scores(
     dataset_id: str,
-    request: Request,
+    ctx: Context,
     tenant: Tenant,
     limit: Annotated[int, Query(ge=1, le=10000)] = 100,
     cursor: Annotated[str | None, Query(max_length=4096)] = None,
@@ -166,10 +160,10 @@ async def get_scores(
 ):
     # The database lookup runs in the thread pool (a stalled database must not block the event
     # loop); a JSON page itself is a sub-millisecond binary search + slice, served inline.
-    ctx = _ctx(request)
-    fit, directory = await run_in_threadpool(ops.current_fit, ctx, tenant, dataset_id)
+    fit, files = await run_in_threadpool(scores.current_fit, ctx, tenant, dataset_id)
+    directory = files.directory
     if format == "json":
-        body = ops.scores_page(fit.id, directory, limit=limit, cursor=cursor, order=order, label=label)
+        body = scores.scores_page(fit.id, files, limit=limit, cursor=cursor, order=order, label=label)
         return JSONResponse(body, headers={"X-Fit-Id": fit.id})
     headers = {"X-Fit-Id": fit.id}
     if format == "arrow":
@@ -190,15 +184,15 @@ async def get_scores(
     response_model=schemas.Summary,
     responses={**ERRORS, 409: {"description": "not fitted yet"}},
 )
-def get_summary(dataset_id: str, request: Request, tenant: Tenant) -> schemas.Summary:
-    return ops.summary(_ctx(request), tenant, dataset_id)
+def get_summary(dataset_id: str, ctx: Context, tenant: Tenant) -> schemas.Summary:
+    return scores.summary(ctx, tenant, dataset_id)
 
 
 @router.get("/{dataset_id}/failures", response_model=schemas.Failures, responses=ERRORS)
 def get_failures(
-    dataset_id: str, request: Request, tenant: Tenant, limit: Annotated[int, Query(ge=1, le=100000)] = 1000
+    dataset_id: str, ctx: Context, tenant: Tenant, limit: Annotated[int, Query(ge=1, le=100000)] = 1000
 ) -> schemas.Failures:
-    return ops.failures(_ctx(request), tenant, dataset_id, limit)
+    return scores.failures(ctx, tenant, dataset_id, limit)
 
 
 @router.get(
@@ -209,11 +203,11 @@ def get_failures(
 def get_neighbors(
     dataset_id: str,
     sample_id: str,
-    request: Request,
+    ctx: Context,
     tenant: Tenant,
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
 ) -> schemas.Neighbors:
-    return ops.neighbors(_ctx(request), tenant, dataset_id, sample_id, k)
+    return scores.neighbors(ctx, tenant, dataset_id, sample_id, k)
 
 
 @router.post(
@@ -231,8 +225,7 @@ def get_neighbors(
         [],
     ),
 )
-async def score_items(dataset_id: str, request: Request, tenant: Tenant) -> schemas.NewScores:
-    ctx = _ctx(request)
-    await run_in_threadpool(ops.current_fit, ctx, tenant, dataset_id)
-    form = await _receive(request, {"embeddings", "labels", "ids", "file"})
-    return await run_in_threadpool(ops.score_new, ctx, tenant, dataset_id, form)
+async def score_items(dataset_id: str, request: Request, ctx: Context, tenant: Tenant) -> schemas.NewScores:
+    await run_in_threadpool(scores.current_fit, ctx, tenant, dataset_id)
+    form = await _receive(request, ctx, {"embeddings", "labels", "ids", "file"})
+    return await run_in_threadpool(scores.score_new, ctx, tenant, dataset_id, form)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
-from service.api import schemas
+from service import schemas
+from service.api.deps import Context
+from service.usecases.health import readiness
 
 router = APIRouter(tags=["health"])
 
@@ -20,27 +19,9 @@ def healthz() -> schemas.Health:
 
 
 @router.get("/readyz", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
-def readyz(request: Request):
-    ctx = request.app.state.ctx
-    checks: dict[str, str] = {}
-    try:
-        with ctx.db() as session:
-            session.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"unreachable: {type(exc).__name__}"
-    try:
-        ctx.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-        # A file of its own per check: concurrent probes must not delete each other's.
-        with tempfile.NamedTemporaryFile(dir=ctx.settings.tmp_dir, prefix=".ready-") as probe:
-            probe.write(b"ok")
-            probe.flush()
-        checks["data_dir"] = "ok"
-    except OSError as exc:
-        checks["data_dir"] = f"not writable: {exc.strerror}"
-    ok = all(v == "ok" for v in checks.values())
-    body = schemas.Health(status="ok" if ok else "unavailable", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+def readyz(ctx: Context):
+    body = readiness(ctx)
+    return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

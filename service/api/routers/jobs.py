@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter
 
-from fastapi import APIRouter, Depends, Request
-
-from service.api import operations as ops
-from service.api import schemas
-from service.api.auth import tenant_of
+from service import schemas
+from service.api.deps import Context, Tenant
+from service.usecases import jobs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-Tenant = Annotated[str, Depends(tenant_of)]
 ERRORS = {401: {"description": "missing or unknown API key"}, 404: {"description": "unknown job"}}
 
 
 @router.get("/{job_id}", response_model=schemas.JobOut, responses=ERRORS)
-def get_job(job_id: str, request: Request, tenant: Tenant) -> schemas.JobOut:
-    return ops.get_job(request.app.state.ctx, tenant, job_id)
+def get_job(job_id: str, ctx: Context, tenant: Tenant) -> schemas.JobOut:
+    return jobs.get_job(ctx, tenant, job_id)
 
 
 @router.post(
@@ -25,5 +22,5 @@ def get_job(job_id: str, request: Request, tenant: Tenant) -> schemas.JobOut:
     response_model=schemas.JobOut,
     responses={**ERRORS, 409: {"description": "the job already finished"}},
 )
-def cancel_job(job_id: str, request: Request, tenant: Tenant) -> schemas.JobOut:
-    return ops.cancel_job(request.app.state.ctx, tenant, job_id)
+def cancel_job(job_id: str, ctx: Context, tenant: Tenant) -> schemas.JobOut:
+    return jobs.cancel_job(ctx, tenant, job_id)

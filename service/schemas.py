@@ -1,11 +1,19 @@
-"""Wire schemas (the public contract of SPEC section 3, extended)."""
+"""The wire schemas: the public JSON contract of the REST API (docs/api.md, openapi.json). A leaf
+module: the use cases build these, the routers serialise them."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.domain import JobState, UploadKind, literal_values
+from service.statistics.gaussian import parse_shrinkage
+
+# Literal lists (not enum classes) keep the OpenAPI document as it was: inline string enums.
+JobStateName = Literal[literal_values(JobState)]  # type: ignore[valid-type]
+UploadKindName = Literal[literal_values(UploadKind)]  # type: ignore[valid-type]
 
 
 class DatasetCreate(BaseModel):
@@ -26,6 +34,11 @@ class FitOptions(BaseModel):
         description="'auto' (each covariance's rho by 5-fold held-out likelihood), 'auto-shared' "
         "(the tied covariance's rho for both) or a number in [0, 1]",
     )
+
+    @field_validator("shrinkage", mode="before")
+    @classmethod
+    def _shrinkage(cls, value: object) -> object:
+        return parse_shrinkage(value)
 
 
 class ClassCount(BaseModel):
@@ -73,7 +86,7 @@ class Created(BaseModel):
 class UploadOut(BaseModel):
     dataset_id: str
     upload_id: int
-    kind: Literal["archive", "embeddings"]
+    kind: UploadKindName
     num_items: int
     classes: list[ClassCount]
     encoder: str
@@ -95,7 +108,7 @@ class JobOut(BaseModel):
     id: str
     dataset_id: str
     kind: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: JobStateName
     stage: str | None
     progress: Progress
     error: str | None

@@ -1,8 +1,9 @@
-"""Nearest neighbours in feature space through faiss (GPU index where CUDA is present).
+"""Nearest neighbors in feature space through faiss (GPU index where CUDA is present).
 
 Cosine similarity: features are L2-normalised and searched with an inner-product index. Exact
-(flat) search: kNN label agreement over a whole dataset is O(N^2 D), so the fit job computes it
-only up to a configured size (``knn_max_items``).
+(flat) search: kNN label agreement over a whole dataset is O(N^2 D), so the fit computes it only
+up to a configured size (``knn_max_items``). The per-sample neighbor lists of the API use an
+index kept per fit (:class:`IndexCache`).
 """
 
 from __future__ import annotations
@@ -74,26 +75,26 @@ def knn_agreement(unit_features: np.ndarray, labels: np.ndarray, k: int) -> np.n
     out = np.empty(n)
     for start in range(0, n, SEARCH_BATCH):
         stop = min(start + SEARCH_BATCH, n)
-        _, neighbours = index.search(x[start:stop], k + 1)
+        _, neighbors = index.search(x[start:stop], k + 1)
         rows = np.arange(start, stop)
         # Drop the sample itself (normally the first hit; duplicates may reorder ties).
-        is_self = neighbours == rows[:, None]
+        is_self = neighbors == rows[:, None]
         keep = ~is_self
         keep[~is_self.any(axis=1), k] = False  # self not found: drop the farthest instead
-        others = neighbours[keep].reshape(stop - start, k)
+        others = neighbors[keep].reshape(stop - start, k)
         out[start:stop] = (label_codes[others] == label_codes[rows, None]).mean(axis=1)
     return out
 
 
 @dataclass
-class NeighbourIndex:
+class NeighborIndex:
     index: object
     sample_ids: np.ndarray
     labels: np.ndarray
     features: np.ndarray  # normalised float32, row-aligned with sample_ids
     row_of: dict[str, int]
 
-    def neighbours(self, sample_id: str, k: int) -> list[dict[str, object]]:
+    def neighbors(self, sample_id: str, k: int) -> list[dict[str, object]]:
         row = self.row_of[sample_id]
         k = min(k, len(self.sample_ids) - 1)
         if k <= 0:
@@ -113,10 +114,10 @@ class NeighbourIndex:
         return out[:k]
 
 
-def load_neighbour_index(store: EmbeddingStore, num_chunks: int) -> NeighbourIndex:
+def load_neighbor_index(store: EmbeddingStore, num_chunks: int) -> NeighborIndex:
     """Index over the first ``num_chunks`` chunks of the store (the fit's snapshot)."""
     sample_ids, labels, features = read_unit_features(store, num_chunks)
-    return NeighbourIndex(
+    return NeighborIndex(
         build_index(features),
         sample_ids,
         labels,
@@ -130,15 +131,15 @@ class IndexCache:
 
     def __init__(self, size: int = 2) -> None:
         self.size = size
-        self._items: OrderedDict[str, NeighbourIndex] = OrderedDict()
+        self._items: OrderedDict[str, NeighborIndex] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str, store_dir: Path, num_chunks: int) -> NeighbourIndex:
+    def get(self, key: str, store_dir: Path, num_chunks: int) -> NeighborIndex:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-            built = load_neighbour_index(EmbeddingStore(store_dir), num_chunks)
+            built = load_neighbor_index(EmbeddingStore(store_dir), num_chunks)
             self._items[key] = built
             while len(self._items) > self.size:
                 self._items.popitem(last=False)

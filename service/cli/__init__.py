@@ -4,7 +4,8 @@ file only parses arguments and dispatches, importing lazily so ``--help`` stays 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from service.encoders.names import DEFAULT_ENCODER
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,14 +22,23 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--data-dir", default=None)
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
 
-    score = sub.add_parser("score", help="offline: score a dataset without a server")
+    score = sub.add_parser("score", help="offline: score a dataset without a server (the fit job's table)")
     score.add_argument("source", nargs="?", help="image folder, archive, manifest or WebDataset shards")
     score.add_argument("--embeddings", help="precomputed features (.npy, N x D)")
     score.add_argument("--labels", help="labels for --embeddings (.npy ints, or text: one per line)")
     score.add_argument("--ids", help="sample IDs for --embeddings (text: one per line)")
-    score.add_argument("--encoder", default="open_clip:ViT-B-16:openai")
-    score.add_argument("--shrinkage", default="auto", help="'auto' (per covariance, SPEC), 'auto-shared' (one rho for both) or a number in [0, 1]")
+    score.add_argument("--encoder", default=DEFAULT_ENCODER)
+    score.add_argument(
+        "--shrinkage",
+        default="auto",
+        help="'auto' (each covariance its own cross-validated rho), 'auto-shared' (one rho for "
+        "both) or a number in [0, 1]; see docs/method.md",
+    )
     score.add_argument("--no-normalize", action="store_true", help="do not L2-normalise features")
+    score.add_argument("--knn-k", type=int, default=10, help="neighbors for the knn_agreement column")
+    score.add_argument(
+        "--knn-max-items", type=int, default=20_000, help="above this many samples knn_agreement is left empty"
+    )
     score.add_argument("--work-dir", default=None, help="where embeddings are kept (resumable)")
     score.add_argument("--device", default="auto")
     score.add_argument("--batch-size", type=int, default=None)
@@ -47,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.jobs.worker import worker_command
 
         return worker_command(args)
-    from service.offline import score_command
+    from service.cli.score import score_command
 
     return score_command(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Encoder names: the grammar, the default and which names denote image encoders. Written once,
+importable without torch (the API checks names; only jobs that embed load models).
+
+Names:
+- ``open_clip:<model>:<pretrained tag | checkpoint path | random>``, e.g. ``open_clip:ViT-B-16:openai``;
+- ``efficientnet-lite0``: the offline ImageNet backbone;
+- any other short name (no spaces) labels uploaded, precomputed features; it has no model.
+"""
+
+from __future__ import annotations
+
+from service.errors import InvalidInput
+
+DEFAULT_ENCODER = "open_clip:ViT-B-16:openai"  # the paper's backbone
+OPEN_CLIP_PREFIX = "open_clip:"
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+BUILTIN_IMAGE_ENCODERS = (EFFICIENTNET_LITE0,)
+MAX_NAME_LENGTH = 200
+EXAMPLES = "'open_clip:<model>:<pretrained tag or checkpoint path>' (e.g. 'open_clip:ViT-B-16:openai'), 'efficientnet-lite0'"
+
+
+class EncoderError(InvalidInput):
+    """The encoder cannot be named, built or used; the message says how to fix it."""
+
+
+def _shown(name: str) -> str:
+    # Error messages echo a bounded prefix of what was sent, never a whole 10,000-character name.
+    return repr(name if len(name) <= 80 else name[:80] + "...")
+
+
+def parse_open_clip_name(name: str) -> tuple[str, str]:
+    """``open_clip:ViT-B-16:openai`` -> ("ViT-B-16", "openai"); the tag may be a path with ':'."""
+    model, sep, pretrained = name.removeprefix(OPEN_CLIP_PREFIX).partition(":")
+    if not name.startswith(OPEN_CLIP_PREFIX) or not model or not sep or not pretrained:
+        raise EncoderError(
+            f"encoder {_shown(name)} is malformed: open_clip encoders are named "
+            "'open_clip:<model>:<pretrained tag or checkpoint path>', e.g. 'open_clip:ViT-B-16:openai' "
+            "or 'open_clip:ViT-B-16:/path/to/open_clip_pytorch_model.bin'"
+        )
+    return model, pretrained
+
+
+def is_image_encoder(name: str) -> bool:
+    """True for names with a model that embeds images; False for labels of uploaded features."""
+    return name in BUILTIN_IMAGE_ENCODERS or name.startswith(OPEN_CLIP_PREFIX)
+
+
+def check_encoder_name(name: str) -> None:
+    """Cheap validation (at dataset creation and upload); loading weights happens in the job."""
+    if name.startswith(OPEN_CLIP_PREFIX):
+        parse_open_clip_name(name)
+    elif not name or len(name) > MAX_NAME_LENGTH or any(c.isspace() for c in name):
+        raise EncoderError(
+            f"encoder {_shown(name)} is not valid: use {EXAMPLES}, or a short name (no spaces, at "
+            f"most {MAX_NAME_LENGTH} characters) for precomputed embeddings"
+        )
+
+
+def require_image_encoder(name: str) -> None:
+    """Images need a model: refuse names that only label precomputed features."""
+    if not is_image_encoder(name):
+        raise EncoderError(
+            f"the dataset's encoder {_shown(name)} names precomputed embeddings; images need an image "
+            f"encoder ({EXAMPLES}): create a dataset with one"
+        )

@@ -1,0 +1,136 @@
+"""The fit use case, shared by the fit job and ``difficulty score``: put pending items into the
+embedding store, fit and score (the neighbor column included), publish the fit's files.
+
+Callers report through a :class:`Stages` object: the job's turns stages into durable progress and
+checks for cancellation; the CLI's draws progress bars. Nothing here knows of jobs or HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from service.domain import JobStage
+from service.pipeline.fitting import labelled_statistics, score_store
+from service.statistics import GaussianModel, Shrinkage, fit_gaussians, parse_shrinkage
+from service.storage.embeddings import EmbeddingStore
+from service.storage.fits import FitFiles
+from service.storage.uploads import default_ids
+
+KNN_COLUMN = "knn_agreement"
+
+
+class Stages(Protocol):
+    """Where a long run reports what it does (``total`` None: unknown)."""
+
+    def set_stage(self, stage: JobStage, total: int | None) -> None: ...
+
+    def progress(self, done: int, total: int | None = None) -> None: ...
+
+    def check(self) -> None:
+        """Raise to stop between steps (cancelled, lease lost); return to go on."""
+
+
+class Quiet:
+    """Stages that report nowhere."""
+
+    def set_stage(self, stage: JobStage, total: int | None) -> None:
+        pass
+
+    def progress(self, done: int, total: int | None = None) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    normalize: bool = True
+    shrinkage: Shrinkage = "auto"
+    knn_k: int = 10
+    # Exact kNN is O(N^2 D): above this many samples the column is null rather than hours of work.
+    knn_max_items: int = 20_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shrinkage", parse_shrinkage(self.shrinkage))
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    model: GaussianModel
+    scores: pa.Table  # SCORE_COLUMNS + KNN_COLUMN
+    knn_k: int | None  # None where the column is null (too many samples)
+    num_chunks: int  # the store's chunks the fit covers (the neighbor index's snapshot)
+
+
+def copy_embeddings(
+    store: EmbeddingStore,
+    features: np.ndarray,
+    labels: np.ndarray,
+    ids: np.ndarray | None,
+    *,
+    first_chunk: int,
+    chunk_rows: int,
+    progress: Callable[[int], None] | None = None,
+    on_chunk: Callable[[], None] | None = None,
+) -> int:
+    """Copy an N x D matrix into the store as chunks ``first_chunk, first_chunk + 1, ...`` of
+    ``chunk_rows`` rows; chunks already present are kept (resume). ``ids`` None: the row index.
+    Returns N."""
+    n = features.shape[0]
+    present = set(store.chunk_indices())
+    for k, start in enumerate(range(0, n, chunk_rows)):
+        stop = min(start + chunk_rows, n)
+        if first_chunk + k not in present:
+            chunk_ids = ids[start:stop] if ids is not None else default_ids(start, stop)
+            store.write_chunk(first_chunk + k, chunk_ids.tolist(), labels[start:stop].tolist(), np.asarray(features[start:stop]))
+            if on_chunk:
+                on_chunk()
+        if progress:
+            progress(stop)
+    return n
+
+
+def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages | None = None) -> FitOutcome:
+    """Fit the Gaussians on the labelled samples of ``store`` and score every one of them, with
+    the kNN label agreement column. Raises ``FitError`` (or ``ValueError``) for unfit data."""
+    stages = stages or Quiet()
+    num_chunks = len(store.chunk_indices())
+    stages.set_stage(JobStage.FITTING, num_chunks)
+    stats = labelled_statistics(store, normalize=settings.normalize, progress=stages.progress)
+    stages.check()
+    model = fit_gaussians(stats, settings.shrinkage)
+    stages.check()
+    stages.set_stage(JobStage.SCORING, model.count)
+    scores = score_store(model, store, progress=stages.progress)
+    stages.check()
+    knn_k: int | None = None
+    if scores.num_rows <= settings.knn_max_items:
+        stages.set_stage(JobStage.NEIGHBORS, scores.num_rows)
+        agreement = knn_column(store, settings.knn_k)
+        knn_k = min(settings.knn_k, max(scores.num_rows - 1, 0))
+        stages.progress(scores.num_rows)
+    else:
+        agreement = np.full(scores.num_rows, np.nan)
+    scores = scores.append_column(KNN_COLUMN, pa.array(agreement, pa.float64(), from_pandas=True))
+    stages.check()
+    return FitOutcome(model, scores, knn_k, num_chunks)
+
+
+def knn_column(store: EmbeddingStore, k: int) -> np.ndarray:
+    """The share of each labelled sample's k nearest labelled neighbors with its label, in the
+    store's row order (the order of :func:`score_store`)."""
+    from service.pipeline.neighbors import knn_agreement, read_unit_features
+
+    _, labels, features = read_unit_features(store, labelled_only=True)
+    return knn_agreement(features, labels, k)
+
+
+def publish(outcome: FitOutcome, files: FitFiles) -> None:
+    """Write the fit's files (model, score tables, metadata); the caller records the fit."""
+    files.write(outcome.model.to_arrays(), outcome.scores, num_chunks=outcome.num_chunks)

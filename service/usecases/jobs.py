@@ -1,0 +1,83 @@
+"""Jobs: start a fit, read a job, cancel it, list a dataset's jobs."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service import schemas
+from service.domain import JobKind
+from service.errors import Conflict, NotFound
+from service.jobs import queue
+from service.storage.database import Job, Upload
+from service.usecases.context import AppContext
+from service.usecases.datasets import MAX_ID_LENGTH, owned, utc
+
+PROGRESS_FIELDS = ("done", "total", "per_second", "eta_seconds")
+
+
+def job_out(job: Job) -> schemas.JobOut:
+    progress = dict(job.progress or {})
+    return schemas.JobOut(
+        id=job.id,
+        dataset_id=job.dataset_id,
+        kind=job.kind,
+        state=job.state,
+        stage=job.stage,
+        progress=schemas.Progress(**{k: progress[k] for k in PROGRESS_FIELDS if progress.get(k) is not None}),
+        error=job.error,
+        result=job.result,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        created_at=utc(job.created_at),
+        started_at=utc(job.started_at),
+        finished_at=utc(job.finished_at),
+    )
+
+
+def start_fit(ctx: AppContext, tenant: str, dataset_id: str, options: schemas.FitOptions) -> schemas.JobAccepted:
+    with ctx.db() as session:
+        dataset = owned(session, tenant, dataset_id)
+        has_items = session.scalar(select(func.count()).select_from(Upload).where(Upload.dataset_id == dataset.id))
+        if not has_items:
+            raise Conflict("the dataset has no items: upload an archive (items) or embeddings first")
+        job = queue.enqueue(
+            session,
+            dataset_id=dataset.id,
+            tenant=tenant,
+            kind=JobKind.FIT,
+            options={"normalize": options.normalize, "shrinkage": options.shrinkage},
+        )
+        session.commit()
+        return schemas.JobAccepted(job_id=job.id, state=job.state)
+
+
+def _owned_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.get(Job, job_id) if len(job_id) <= MAX_ID_LENGTH else None
+    if job is None or job.tenant != tenant:
+        raise NotFound("job")
+    return job
+
+
+def get_job(ctx: AppContext, tenant: str, job_id: str) -> schemas.JobOut:
+    with ctx.db() as session:
+        return job_out(_owned_job(session, tenant, job_id))
+
+
+def cancel_job(ctx: AppContext, tenant: str, job_id: str) -> schemas.JobOut:
+    with ctx.db() as session:
+        job = _owned_job(session, tenant, job_id)
+        if not queue.request_cancel(session, job.id):
+            session.rollback()
+            session.refresh(job)
+            raise Conflict(f"the job already {job.state}")
+        session.commit()
+        session.refresh(job)
+        return job_out(job)
+
+
+def list_jobs(ctx: AppContext, tenant: str, dataset_id: str) -> list[schemas.JobOut]:
+    with ctx.db() as session:
+        dataset = owned(session, tenant, dataset_id)
+        jobs = session.scalars(select(Job).where(Job.dataset_id == dataset.id).order_by(Job.created_at.desc())).all()
+        return [job_out(j) for j in jobs]

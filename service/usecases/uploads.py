@@ -1,0 +1,155 @@
+"""Uploads: an archive of images, or precomputed embeddings with labels (and IDs).
+
+A request body is spooled under the data dir, checked whole, moved into the dataset's folder by
+one rename and recorded in one transaction: a refused upload leaves nothing behind, and no
+upload is half there.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service import schemas
+from service.domain import UploadKind, UploadState
+from service.encoders.names import check_encoder_name, is_image_encoder
+from service.errors import Conflict, InvalidInput
+from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
+from service.ingest.safety import inspect_archive
+from service.storage import layout
+from service.storage.database import Dataset, Upload, new_id, utcnow
+from service.storage.uploads import UploadFiles
+from service.usecases.context import AppContext
+from service.usecases.datasets import class_counts, owned
+from service.usecases.forms import Form
+
+PRECOMPUTED = "precomputed"  # the encoder name of embeddings uploaded without one
+
+
+def spool_dir(ctx: AppContext) -> Path:
+    return layout.spool_dir(ctx.settings.data_dir, new_id())
+
+
+def _uploads(session: Session, dataset: Dataset) -> list[Upload]:
+    return list(session.scalars(select(Upload).where(Upload.dataset_id == dataset.id)).all())
+
+
+def _check_duplicates(ctx: AppContext, dataset: Dataset, uploads: list[Upload], new_ids: np.ndarray) -> None:
+    for upload in uploads:
+        old = UploadFiles(layout.upload_dir(ctx.settings.data_dir, dataset.id, upload.path)).ids(upload.num_items)
+        clash = new_ids[np.isin(new_ids, old)]
+        if clash.size:
+            raise Conflict(
+                f"{clash.size} sample IDs already exist in this dataset (first: {clash[:3].tolist()}); "
+                "IDs must be unique (for embeddings without 'ids' the row index is the ID: pass 'ids')"
+            )
+
+
+def _commit(
+    ctx: AppContext, session: Session, dataset: Dataset, form: Form, kind: UploadKind, num_items: int, classes: Counter[str]
+) -> schemas.UploadOut:
+    folder = layout.new_upload_folder(new_id())
+    target = layout.upload_dir(ctx.settings.data_dir, dataset.id, folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    form.directory.rename(target)  # same file system (both under the data dir): atomic
+    try:
+        upload = Upload(
+            dataset_id=dataset.id,
+            kind=kind,
+            path=folder,
+            num_items=num_items,
+            classes=dict(classes),
+            state=UploadState.PENDING,
+            num_embedded=0,
+            num_failed=0,
+            created_at=utcnow(),
+        )
+        session.add(upload)
+        session.commit()
+    except Exception:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return schemas.UploadOut(
+        dataset_id=dataset.id,
+        upload_id=upload.id,
+        kind=kind,
+        num_items=num_items,
+        classes=class_counts(classes),
+        encoder=dataset.encoder,
+    )
+
+
+def accept_archive(ctx: AppContext, tenant: str, dataset_id: str, form: Form) -> schemas.UploadOut:
+    try:
+        if "file" not in form.files:
+            raise InvalidInput("multipart field 'file' (a zip or tar(.gz) archive) is required")
+        # The scan reads the whole archive (minutes for GBs): before the dataset's lock and a
+        # database connection are taken, as accept_embeddings validates its files first.
+        members = inspect_archive(
+            form.files["file"],
+            max_members=ctx.settings.max_archive_members,
+            max_total_bytes=ctx.settings.max_archive_bytes,
+        )
+        with ctx.upload_lock(dataset_id), ctx.db() as session:
+            dataset = owned(session, tenant, dataset_id)
+            if not is_image_encoder(dataset.encoder):
+                raise Conflict(
+                    f"this dataset holds precomputed embeddings ({dataset.encoder!r}); "
+                    "create a dataset with an image encoder for images"
+                )
+            ids = np.asarray([m.name for m in members], dtype=np.str_)
+            _check_duplicates(ctx, dataset, _uploads(session, dataset), ids)
+            UploadFiles(form.directory).put_archive(form.files["file"], ids)
+            classes = Counter(m.label for m in members)
+            return _commit(ctx, session, dataset, form, UploadKind.ARCHIVE, len(members), classes)
+    finally:
+        form.discard()
+
+
+def accept_embeddings(ctx: AppContext, tenant: str, dataset_id: str, form: Form) -> schemas.UploadOut:
+    try:
+        if "embeddings" not in form.files or "labels" not in form.files:
+            raise InvalidInput("multipart fields 'embeddings' (.npy, N x D) and 'labels' are required")
+        features = load_embeddings(form.files["embeddings"])
+        labels = load_labels(form.files["labels"])
+        ids = load_ids(form.files["ids"]) if "ids" in form.files else None
+        check_lengths(features.shape[0], labels, ids)
+        if any(label == "" for label in labels):
+            raise InvalidInput("labels must not be empty strings")
+        name = form.fields.get("encoder", "").strip() or None
+        if name is not None:
+            check_encoder_name(name)
+        n, dim = features.shape
+        del features
+        with ctx.upload_lock(dataset_id), ctx.db() as session:
+            dataset = owned(session, tenant, dataset_id)
+            uploads = _uploads(session, dataset)
+            if any(u.kind == UploadKind.ARCHIVE for u in uploads):
+                raise Conflict("this dataset holds images: upload embeddings to a separate dataset")
+            if is_image_encoder(dataset.encoder) or (name and not uploads):
+                # A fresh dataset takes the name of the embeddings it receives (the default
+                # encoder would be wrong for features computed elsewhere).
+                if uploads:
+                    raise Conflict("this dataset's encoder does not match precomputed embeddings")
+                dataset.encoder = name or PRECOMPUTED
+            elif name and name != dataset.encoder:
+                raise Conflict(f"this dataset holds embeddings named {dataset.encoder!r}, not {name!r}")
+            if uploads:
+                first = UploadFiles(layout.upload_dir(ctx.settings.data_dir, dataset.id, uploads[0].path))
+                if first.embedding_dim() != dim:
+                    raise InvalidInput(f"embeddings have D={dim} but this dataset's have D={first.embedding_dim()}")
+            id_array = UploadFiles.ids_or_default(ids, n)
+            _check_duplicates(ctx, dataset, uploads, id_array)
+            UploadFiles(form.directory).put_embeddings(
+                form.files["embeddings"], np.asarray(labels, dtype=np.str_), None if ids is None else id_array
+            )
+            form.drop("labels")
+            form.drop("ids")
+            return _commit(ctx, session, dataset, form, UploadKind.EMBEDDINGS, n, Counter(labels))
+    finally:
+        form.discard()
