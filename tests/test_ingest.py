@@ -247,3 +247,27 @@ def test_a_real_path_with_pattern_characters_is_not_a_shard_pattern(tmp_path: Pa
     source = open_source(root)
     assert isinstance(source, FolderSource)
     assert sorted(s.sample_id for s in source) == ids
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [("cat/001.jpg", "cat/001.jpg"), ("./cat//001.jpg", "cat/001.jpg"), ("cat\\001.jpg", None),
+     ("../cat/001.jpg", None), ("/cat/001.jpg", None), ("C:cat/001.jpg", None)],
+    ids=["plain", "dots-and-slashes", "backslash", "parent", "absolute", "drive"],
+)
+def test_one_member_name_rule_for_readers_and_uploads(tmp_path, raw, expected):
+    """The CLI's readers and the upload check derive the same sample ID, or both refuse."""
+    from service.ingest.archive import ZipSource
+    from service.ingest.safety import ArchiveError, inspect_archive
+
+    path = tmp_path / "one.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(raw, jpeg_bytes((200, 30, 30)))
+    (sample,) = list(ZipSource(path))
+    if expected is None:
+        assert sample.error is not None and "unsafe member path" in sample.error
+        with pytest.raises(ArchiveError, match="unsafe member path"):
+            inspect_archive(path)
+    else:
+        assert sample.error is None and sample.sample_id == expected
+        assert [m.name for m in inspect_archive(path)] == [expected]

@@ -16,9 +16,10 @@ from service.ingest.sample import (
     MAX_ITEM_BYTES,
     Sample,
     SampleSource,
-    clean_member_name,
+    UnsafeMemberName,
     is_hidden,
     label_of,
+    member_sample_id,
 )
 
 
@@ -48,9 +49,10 @@ class ZipSource(SampleSource):
 
 
 def _zip_sample(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Sample:
-    name = clean_member_name(info.filename)
-    if name is None:
-        return Sample(info.filename, None, error="unsafe member path (absolute or '..')")
+    try:
+        name = member_sample_id(info.filename)
+    except UnsafeMemberName as exc:
+        return Sample(info.filename, None, error=str(exc))
     label = label_of(name)
     if info.file_size > MAX_ITEM_BYTES:
         return Sample(name, label, error=f"member too large ({info.file_size} bytes)")
@@ -77,9 +79,10 @@ def iter_tar_members(path: Path) -> Iterator[tuple[str | None, str, bytes | None
                 if not member.isreg() or is_hidden(member.name):
                     continue
                 seen += 1
-                name = clean_member_name(member.name)
-                if name is None:
-                    yield None, member.name, None, "unsafe member path (absolute or '..')"
+                try:
+                    name = member_sample_id(member.name)
+                except UnsafeMemberName as exc:
+                    yield None, member.name, None, str(exc)
                     continue
                 if member.size > MAX_ITEM_BYTES:
                     yield name, member.name, None, f"member too large ({member.size} bytes)"

@@ -9,7 +9,7 @@ from pathlib import Path
 from service.ingest.archive import TarSource, ZipSource
 from service.ingest.folder import FolderSource
 from service.ingest.manifest import MANIFEST_SUFFIXES, ManifestSource
-from service.ingest.sample import ReaderError, SampleSource, is_hidden
+from service.ingest.sample import ReaderError, SampleSource, is_hidden, is_tar
 from service.ingest.webdataset import WebDatasetSource, expand_shard_pattern
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -32,7 +32,7 @@ def open_source(location: str | Path) -> SampleSource:
         return ManifestSource(path)
     if name.endswith(".zip") or (not name.endswith(TAR_SUFFIXES) and zipfile.is_zipfile(path)):
         return ZipSource(path)
-    if name.endswith(TAR_SUFFIXES) or _is_tar(path):
+    if name.endswith(TAR_SUFFIXES) or is_tar(path):
         return WebDatasetSource([path]) if looks_like_webdataset(path) else TarSource(path)
     raise ReaderError(
         f"cannot read {path.name!r} as a dataset: give an ImageFolder directory, a .zip/.tar/"
@@ -65,8 +65,4 @@ def _shard_files(directory: Path) -> list[Path]:
     return tars if tars and all(looks_like_webdataset(t) for t in tars[:1]) else []
 
 
-def _is_tar(path: Path) -> bool:
-    try:
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False
+

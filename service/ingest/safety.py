@@ -14,10 +14,10 @@ import tarfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from service.errors import InvalidInput
-from service.ingest.sample import is_hidden
+from service.ingest.sample import UnsafeMemberName, is_hidden, is_tar, member_sample_id
 
 # A zip member that claims to expand more than this ratio is a bomb, whatever the total.
 MAX_COMPRESSION_RATIO = 1000
@@ -40,20 +40,16 @@ class ArchiveMember:
 
 
 def normalise_member_name(raw: str) -> str | None:
-    """The member's path as a sample ID, or None for entries that are not samples (hidden or
-    OS metadata files). Raises ArchiveError for names that could escape the folder."""
-    if "\x00" in raw or "\\" in raw:
-        raise ArchiveError(f"archive member {raw!r} has a backslash or NUL in its name")
-    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
-        raise ArchiveError(f"archive member {raw!r} has an absolute path")
-    parts = [p for p in PurePosixPath(raw).parts if p not in ("", ".")]
-    if ".." in parts:
-        raise ArchiveError(f"archive member {raw!r} contains '..'")
-    name = "/".join(parts)
-    # The readers' own rule: a member the readers skip must not be counted as a sample here.
-    if not parts or is_hidden(name):
-        return None
-    return name
+    """The member's sample ID (the readers' rule, ``member_sample_id``), or None for entries that
+    are not samples (hidden or OS metadata files, as the readers skip them). Unsafe names refuse
+    the whole upload."""
+    if raw.strip("/.") == "":
+        return None  # the archive's root entry ("./")
+    try:
+        name = member_sample_id(raw)
+    except UnsafeMemberName as exc:
+        raise ArchiveError(str(exc)) from None
+    return None if is_hidden(name) else name
 
 
 def inspect_archive(
@@ -63,7 +59,7 @@ def inspect_archive(
     path = Path(path)
     if zipfile.is_zipfile(path):
         raw = _zip_members(path)
-    elif _is_tar(path):
+    elif is_tar(path):
         raw = _tar_members(path, max_members, max_total_bytes)
     else:
         raise ArchiveError("the upload is not a zip or tar(.gz) archive")
@@ -92,13 +88,6 @@ def inspect_archive(
     if duplicates:
         raise ArchiveError(f"archive has {len(duplicates)} duplicate member names (first: {duplicates[0]!r})")
     return members
-
-
-def _is_tar(path: Path) -> bool:
-    try:
-        return tarfile.is_tarfile(path)
-    except (OSError, tarfile.TarError, EOFError):
-        return False
 
 
 def _zip_members(path: Path) -> list[tuple[str, int]]:

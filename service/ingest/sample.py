@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import posixpath
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.errors import InvalidInput
 
@@ -57,18 +58,35 @@ def is_hidden(relative: str) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" or p == "Thumbs.db" for p in parts)
 
 
-def clean_member_name(name: str) -> str | None:
-    """Normalised relative POSIX name of an archive member, or None if it is unsafe.
+class UnsafeMemberName(InvalidInput):
+    """An archive member's name could escape its folder or is ambiguous across systems."""
 
-    Unsafe: absolute, drive letters, or climbing out with ``..`` (zip-slip). The readers never
-    extract, but sample IDs travel to clients and must not look like paths outside the set."""
-    name = name.replace("\\", "/")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return None
-    normalised = posixpath.normpath(name)
-    if normalised in (".", "") or normalised.startswith("../") or normalised == "..":
-        return None
-    return normalised
+
+def member_sample_id(raw: str) -> str:
+    """The one rule from an archive member's name to its sample ID (upload check and readers).
+
+    The normalised relative POSIX path (``./a//b.jpg`` -> ``a/b.jpg``). Refused: absolute paths
+    and drive letters, ``..`` (zip-slip), NUL, and backslashes (Windows separators or part of a
+    name: either reading would be a guess). Nothing is ever extracted, but sample IDs travel to
+    clients and must not look like paths outside the set."""
+    if "\x00" in raw or "\\" in raw:
+        raise UnsafeMemberName(f"unsafe member path {raw[:200]!r}: a backslash or NUL in the name")
+    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
+        raise UnsafeMemberName(f"unsafe member path {raw[:200]!r}: absolute")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeMemberName(f"unsafe member path {raw[:200]!r}: contains '..'")
+    if not parts:
+        raise UnsafeMemberName(f"unsafe member path {raw[:200]!r}: empty")
+    return "/".join(parts)
+
+
+def is_tar(path: Path) -> bool:
+    """Whether ``path`` is a tar archive (any compression tarfile reads)."""
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, tarfile.TarError, EOFError):
+        return False
 
 
 def label_of(relative: str) -> str | None:
