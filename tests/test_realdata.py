@@ -44,7 +44,7 @@ def test_rmd_finds_flipped_labels_on_fashion_mnist(tmp_path: Path) -> None:
     assert report.embedded == 2000 and report.failures == []
 
     # shrinkage="auto-shared": the cross-validated rho of the tied covariance, used for both.
-    # Plain "auto" (SPEC: each covariance its own rho) picks 0.1 and 0.03 on this subset and the
+    # Plain "auto" (each covariance its own rho) picks 0.1 and 0.03 on this subset and the
     # AUROC drops to 0.79 (0.95 with one rho for both): docs/evidence.md.
     table = fit_store(store, shrinkage="auto-shared").scores
     scores = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}

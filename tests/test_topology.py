@@ -1,8 +1,8 @@
 """The docker-compose topology as native processes: PostgreSQL + one API + two workers.
 
 What docker/compose.yaml runs (`api` with `serve --no-worker`, `worker` scaled to 2, `postgres`)
-is started here as real subprocesses, because there is no Docker engine on the build machines
-(SPEC section 4). Two datasets are fitted at once; the worker holding one of the jobs is killed
+is started here as real subprocesses (cheap, and independent of the container test, which runs
+the same topology in a real engine). Two datasets are fitted at once; the worker holding one of the jobs is killed
 with SIGKILL in the middle of it. The other worker must take that job over once the lease
 expires, resume it, and produce exactly the scores of an uninterrupted run of the same data.
 """
