@@ -1,7 +1,10 @@
-"""The REST service through real HTTP (uvicorn on loopback), on SQLite and PostgreSQL."""
+"""The REST service in-process (FastAPI's TestClient, the in-process worker), on SQLite and
+PostgreSQL. The data-dir confinement test runs a real uvicorn process: what a process writes to
+its system temp dir is the point there."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -12,6 +15,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from apiserver import database_for, running_server, wait_for_job
+from conftest import make_settings
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
 
 KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key"}
 SCORE_FIELDS = {"sample_id", "label", "rmd", "md_class", "md_agnostic", "rmd_min", "predicted_label"}
@@ -20,17 +27,19 @@ SCORE_FIELDS = {"sample_id", "label", "rmd", "md_class", "md_agnostic", "rmd_min
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp(f"api-{request.param}") / "data"
-    # The server's system temp dir, watched by test_data_dir_only: uploads must not land there.
-    system_tmp = data_dir.parent / "system-tmp"
-    system_tmp.mkdir()
-    env = {"TMPDIR": str(system_tmp)}
-    with database_for(request.param) as db_url, running_server(data_dir, database_url=db_url, api_keys=KEYS, env=env) as url:
-        yield url, data_dir
+    with database_for(request.param) as db_url:
+        settings = make_settings(data_dir, api_keys={key: tenant for tenant, key in KEYS.items()})
+        if db_url is not None:
+            settings = make_settings(data_dir, database_url=db_url, api_keys=settings.api_keys)
+        app = create_app(settings)
+        with TestClient(app):  # runs the lifespan (database, in-process worker) once per module
+            yield app, data_dir
 
 
-def client(url: str, tenant: str | None = "alice") -> httpx.Client:
+def client(app, tenant: str | None = "alice") -> contextlib.AbstractContextManager[httpx.Client]:
+    """A client of the running app for one tenant (its own context would run the lifespan again)."""
     headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=60)
+    return contextlib.nullcontext(TestClient(app, headers=headers))
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -67,12 +76,12 @@ def fitted_dataset(c: httpx.Client, n: int = 300, seed: int = 0, **fit_options) 
 
 
 def test_health_ready_and_metrics(server):
-    url, _ = server
-    with client(url, None) as c:
+    app, _ = server
+    with client(app, None) as c:
         assert c.get("/healthz").json()["status"] == "ok"
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "data_dir": "ok"}
-    with client(url) as c:
+    with client(app) as c:
         fitted_dataset(c, n=60)
         text = c.get("/metrics").text
     for name in ("difficulty_http_requests_total", "difficulty_http_request_seconds_bucket",
@@ -81,8 +90,8 @@ def test_health_ready_and_metrics(server):
 
 
 def test_missing_or_unknown_key_is_401(server):
-    url, _ = server
-    with client(url, None) as c:
+    app, _ = server
+    with client(app, None) as c:
         response = c.get("/v1/datasets")
         assert response.status_code == 401 and "detail" in response.json()
         assert c.get("/v1/datasets", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -90,8 +99,8 @@ def test_missing_or_unknown_key_is_401(server):
 
 
 def test_embeddings_dataset_end_to_end(server):
-    url, data_dir = server
-    with client(url) as c:
+    app, data_dir = server
+    with client(app) as c:
         created = c.post("/v1/datasets", json={"name": "blobs"})
         assert created.status_code == 201
         dataset_id = created.json()["id"]
@@ -200,8 +209,8 @@ def test_embeddings_dataset_end_to_end(server):
 
 
 def test_tenants_see_only_their_datasets(server):
-    url, _ = server
-    with client(url, "alice") as alice, client(url, "bob") as bob:
+    app, _ = server
+    with client(app, "alice") as alice, client(app, "bob") as bob:
         dataset_id, _ = fitted_dataset(alice, n=60)
         job_id = alice.get(f"/v1/datasets/{dataset_id}/jobs").json()[0]["id"]
         assert dataset_id not in [d["id"] for d in bob.get("/v1/datasets").json()["items"]]
@@ -227,8 +236,8 @@ def test_tenants_see_only_their_datasets(server):
 
 
 def test_bad_input_gets_4xx_with_detail(server):
-    url, _ = server
-    with client(url) as c:
+    app, _ = server
+    with client(app) as c:
         assert c.post("/v1/datasets", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
         assert c.post("/v1/datasets", json={"name": ""}).status_code == 422
         assert c.post("/v1/datasets", json={"name": "x", "encoder": "open_clip:ViT-B-16"}).status_code == 422
@@ -277,8 +286,8 @@ def test_bad_input_gets_4xx_with_detail(server):
 
 
 def test_failed_fit_says_what_to_do(server):
-    url, _ = server
-    with client(url) as c:
+    app, _ = server
+    with client(app) as c:
         dataset_id = c.post("/v1/datasets", json={"name": "tiny", "encoder": "feats"}).json()["id"]
         features, labels = blobs(1)
         assert upload_embeddings(c, dataset_id, features, labels).status_code == 201
@@ -289,13 +298,16 @@ def test_failed_fit_says_what_to_do(server):
         assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
 
 
-def test_data_dir_only(server):
+def test_data_dir_only(tmp_path):
     """Nothing the service writes lands outside its data dir, spooled uploads included: a
     multipart parser that spools large parts to the system temp dir would write there."""
-    url, data_dir = server
-    system_tmp = Path(data_dir).parent / "system-tmp"
+    data_dir = tmp_path / "data"
+    system_tmp = tmp_path / "system-tmp"  # the server process's TMPDIR, watched
+    system_tmp.mkdir()
     features, labels = blobs(4000, dim=128)  # 2 MB: above the usual 1 MiB in-memory spool limit
-    with client(url) as c:
+    with running_server(data_dir, api_keys=KEYS, env={"TMPDIR": str(system_tmp)}) as url, httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60
+    ) as c:
         dataset_id = c.post("/v1/datasets", json={"name": "big", "encoder": "feats"}).json()["id"]
         assert upload_embeddings(c, dataset_id, features, labels).status_code == 201
     assert list(system_tmp.iterdir()) == []
