@@ -45,3 +45,25 @@ def wait_for_job(client, job_id: str, timeout: float = 120.0) -> dict:  # type: 
             return job
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} did not finish in {timeout}s")
+
+
+def npy(array) -> bytes:  # type: ignore[no-untyped-def]
+    """``np.save`` bytes, as an upload carries them."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def blobs(n: int, dim: int = 8, classes: int = 3, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Separable labelled features: class c is shifted by 3c along the first axis."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    features = rng.normal(size=(n, dim)).astype(np.float32)
+    features[:, 0] += 3 * labels
+    return features, labels

@@ -15,7 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from apiserver import database_for, running_server, wait_for_job
-from conftest import make_settings
+from conftest import blobs, make_settings, npy
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
@@ -40,20 +40,6 @@ def client(app, tenant: str | None = "alice") -> contextlib.AbstractContextManag
     """A client of the running app for one tenant (its own context would run the lifespan again)."""
     headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
     return contextlib.nullcontext(TestClient(app, headers=headers))
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def blobs(n: int, dim: int = 8, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    features = rng.normal(size=(n, dim)).astype(np.float32)
-    features[:, 0] += 3 * labels
-    return features, labels
 
 
 def upload_embeddings(c: httpx.Client, dataset_id: str, features, labels, ids=None) -> httpx.Response:

@@ -10,7 +10,6 @@ expires, resume it, and produce exactly the scores of an uninterrupted run of th
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pytest
 import yaml
 from apiserver import database_for, running_server, running_worker
+from conftest import npy
 from sqlalchemy import Engine, create_engine, text
 
 from service.storage import layout
@@ -102,12 +102,6 @@ def make_data(seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return features.astype(np.float32), labels.astype(np.int64), ids
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def create_dataset(client: httpx.Client, name: str, data) -> str:
     features, labels, ids = data
     response = client.post("/v1/datasets", json={"name": name})
@@ -116,8 +110,8 @@ def create_dataset(client: httpx.Client, name: str, data) -> str:
     response = client.post(
         f"/v1/datasets/{dataset_id}/embeddings",
         files={
-            "embeddings": ("embeddings.npy", npy_bytes(features), "application/octet-stream"),
-            "labels": ("labels.npy", npy_bytes(labels), "application/octet-stream"),
+            "embeddings": ("embeddings.npy", npy(features), "application/octet-stream"),
+            "labels": ("labels.npy", npy(labels), "application/octet-stream"),
             "ids": ("ids.txt", ("\n".join(ids) + "\n").encode(), "text/plain"),
         },
     )
