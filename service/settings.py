@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.domain import ExecutorKind
-from service.encoders.names import DEFAULT_ENCODER
+from service.encoders.names import DEFAULT_ALLOWED_ENCODERS, DEFAULT_ENCODER
 from service.storage import layout
 
 ANONYMOUS_TENANT = "default"  # the one tenant of a server without API keys
@@ -67,6 +67,14 @@ def _env_float(name: str, default: float) -> float:
     return _env_number(name, default, float)
 
 
+def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    # Comma-separated names; unset or empty keeps the default.
+    raw = os.environ.get(name)
+    if not raw or not raw.strip():
+        return default
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
@@ -96,6 +104,20 @@ class Settings:
     executor: ExecutorKind = ExecutorKind.LOCAL
     ray_address: str | None = None
     ray_actors: int | None = None  # encoder actors; None = one per GPU in the cluster, else 1
+    # Request limits (api.limits): a non-upload body (JSON) is refused above this many bytes
+    # while it streams, before the route reads it.
+    max_request_bytes: int = 64 * 1024
+    # Data shape limits, checked at upload and before a fit is queued: the fit holds
+    # N_FOLDS x (K x D + D x D) float64 running sums, so D and K bound its memory.
+    max_dim: int = 8192
+    max_classes: int = 10_000
+    # More than 16 classes and fewer than 1/fraction samples per class on average: refused.
+    max_class_fraction: float = 0.5
+    max_fit_bytes: int = 16 * 1024**3
+    # Image encoders tenants may name (operator's choice; the default encoder is always allowed).
+    allowed_encoders: tuple[str, ...] = DEFAULT_ALLOWED_ENCODERS
+    # A job running longer than this is failed by its worker's heartbeat (0 = no limit).
+    max_job_seconds: float = 24 * 3600.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -139,6 +161,13 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         executor=_executor(os.environ.get("DIFFICULTY_EXECUTOR") or "local"),
         ray_address=os.environ.get("RAY_ADDRESS") or None,
         ray_actors=_env_int("DIFFICULTY_RAY_ACTORS", 0) or None,
+        max_request_bytes=_env_int("DIFFICULTY_MAX_REQUEST_BYTES", Settings.max_request_bytes),
+        max_dim=_env_int("DIFFICULTY_MAX_DIM", Settings.max_dim),
+        max_classes=_env_int("DIFFICULTY_MAX_CLASSES", Settings.max_classes),
+        max_class_fraction=_env_float("DIFFICULTY_MAX_CLASS_FRACTION", Settings.max_class_fraction),
+        max_fit_bytes=_env_int("DIFFICULTY_MAX_FIT_BYTES", Settings.max_fit_bytes),
+        allowed_encoders=_env_list("DIFFICULTY_ALLOWED_ENCODERS", Settings.allowed_encoders),
+        max_job_seconds=_env_float("DIFFICULTY_MAX_JOB_SECONDS", Settings.max_job_seconds),
     )
 
 

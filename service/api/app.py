@@ -11,8 +11,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import errors
+from service.api.limits import RequestLimits
 from service.api.metrics import Metrics, MetricsMiddleware
-from service.api.routers import datasets, health, jobs
+from service.api.routers import datasets, health, jobs, samples, ui
 from service.settings import Settings
 from service.storage import layout
 from service.storage.database import open_database
@@ -57,10 +58,13 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
     )
     app.state.metrics = metrics
     app.include_router(datasets.router)
+    app.include_router(samples.router)  # after datasets: its /samples/{id}/neighbors matches first
+    app.include_router(ui.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
     errors.register(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestLimits, settings=settings)  # outermost: before any body is read
     _document_auth(app)
     return app
 

@@ -16,6 +16,14 @@ OPEN_CLIP_PREFIX = "open_clip:"
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 BUILTIN_IMAGE_ENCODERS = (EFFICIENTNET_LITE0,)
 MAX_NAME_LENGTH = 200
+# Image encoders a tenant may name unless the operator sets DIFFICULTY_ALLOWED_ENCODERS: the
+# offline backbone and open_clip's OpenAI weights (published tags, no server paths).
+DEFAULT_ALLOWED_ENCODERS = (
+    DEFAULT_ENCODER,
+    EFFICIENTNET_LITE0,
+    "open_clip:ViT-B-32:openai",
+    "open_clip:ViT-L-14:openai",
+)
 EXAMPLES = "'open_clip:<model>:<pretrained tag or checkpoint path>' (e.g. 'open_clip:ViT-B-16:openai'), 'efficientnet-lite0'"
 
 

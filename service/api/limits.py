@@ -1,0 +1,133 @@
+"""Request limits applied before any route runs (an ASGI middleware, outermost after Starlette's
+error handler).
+
+For every HTTP request, in this order:
+
+1. Keyless local mode (no API keys) on a loopback socket: the ``Host`` header must name the
+   loopback (``localhost``, ``*.localhost``, ``127.0.0.1``, ``[::1]``). A web page that rebinds
+   its own DNS name to 127.0.0.1 (DNS rebinding) sends its own name and gets 421, so it can
+   neither read nor delete the local user's data.
+2. With API keys, a ``/v1/`` request without a valid key is answered 401 here, before a single
+   body byte is read (FastAPI reads a JSON body before it resolves the route's dependencies).
+   The route's ``Tenant`` dependency checks the same key again (``auth.tenant_for``).
+3. Bodies: the three multipart upload routes stream their bodies to disk under their own limit
+   (``api.multipart``, DIFFICULTY_MAX_UPLOAD_BYTES). Every other body is read here, at most
+   ``max_request_bytes`` of it (DIFFICULTY_MAX_REQUEST_BYTES): a larger declared
+   ``Content-Length`` is refused at once, a chunked body as soon as it passes the limit, and the
+   route gets the buffered body replayed. Memory per request is bounded by the limit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.auth import tenant_for
+from service.errors import Unauthorized
+from service.settings import Settings
+
+# POST routes whose multipart bodies api.multipart streams to disk under the upload limit.
+UPLOAD_ROUTES = re.compile(r"^/v1/datasets/[^/]+/(items|embeddings|score)$")
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
+
+
+def host_name(header: str) -> str:
+    """``Host`` header -> lower-case host name without port (``[::1]:8000`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def is_loopback_name(name: str) -> bool:
+    if name in LOOPBACK_HOSTS or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback  # 127.0.0.2 yes; 127.evil.example no
+    except ValueError:
+        return False
+
+
+class RequestLimits:
+    """The checks above; ``settings`` are the app's (keys and limits are read per request)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path: str = scope.get("path", "")
+        keys = self.settings.api_keys
+        if not keys and _on_loopback(scope) and not is_loopback_name(host_name(headers.get("host", ""))):
+            await _answer(send, 421, "keyless local mode answers only requests addressed to localhost "
+                                     "(Host header); set DIFFICULTY_API_KEYS to serve other host names")
+            return
+        if keys and path.startswith("/v1/"):
+            client = scope.get("client") or ("?", 0)
+            try:
+                tenant_for(keys, headers.get("authorization", ""), client=str(client[0]))
+            except Unauthorized as exc:
+                await _answer(send, 401, str(exc), {"www-authenticate": "Bearer"})
+                return
+        if scope.get("method") == "POST" and UPLOAD_ROUTES.match(path):
+            await self.app(scope, receive, send)
+            return
+        limit = self.settings.max_request_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _answer(send, 413, _too_large(limit))
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left: nothing to answer
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await _answer(send, 413, _too_large(limit))
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+
+def _on_loopback(scope: Scope) -> bool:
+    # The socket the request arrived on (uvicorn: the local address). In-process test clients
+    # have no socket; a server bound to a public address is not the rebinding target.
+    server = scope.get("server")
+    return bool(server) and str(server[0]) in LOOPBACK_ADDRESSES
+
+
+def _too_large(limit: int) -> str:
+    return f"request body exceeds the limit of {limit} bytes (DIFFICULTY_MAX_REQUEST_BYTES)"
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # afterwards: the client's disconnect, as the server reports it
+
+    return replay
+
+
+async def _answer(send: Send, status: int, detail: str, extra: dict[str, str] | None = None) -> None:
+    payload = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    # The client may still be sending: tell it (and the server) the connection ends here.
+    headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
