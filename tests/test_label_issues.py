@@ -21,9 +21,14 @@ from service.statistics.label_issues import (
     label_issues,
     log_prior_from_counts,
     out_of_fold_distances,
+    soft_fold_gaussians,
     wrong_label_log_odds,
 )
-from service.statistics.selection import HeldOutLogLoss, select_shrinkage_by_log_loss
+from service.statistics.selection import (
+    HeldOutLogLoss,
+    fold_gaussians,
+    select_shrinkage_by_log_loss,
+)
 
 
 def make_data(
@@ -291,3 +296,50 @@ def test_inputs_are_checked() -> None:
     with pytest.raises(ValueError, match="NaN or inf"):
         fit_label_noise(np.full((2, 3), np.nan), np.zeros(3), np.array([0, 1]))
     assert np.isneginf(log_prior_from_counts(np.array([3, 0]))[1])
+
+
+def test_soft_fold_gaussians_match_weighted_brute_force() -> None:
+    x, y, ids = make_data(70, 5, 3, seed=11, offset=2.0)
+    stats = stats_of(x, y, ids)
+    folds = assign_folds(ids)
+    # One-hot responsibilities give back the hard-label fold models.
+    hard = soft_fold_gaussians(stats, x, folds, np.eye(3)[y])
+    for a, b in zip(hard, fold_gaussians(stats), strict=True):
+        np.testing.assert_allclose(a.means, b.means, atol=1e-10)
+        np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(a.log_prior, b.log_prior)
+    r = np.random.default_rng(0).dirichlet(np.ones(3), size=70)  # columns: sorted classes
+    axis = [stats.classes.index(f"c{c}") for c in range(3)]  # fold models: stats' class order
+    for model in soft_fold_gaussians(stats, x, folds, r):
+        train = folds != model.fold
+        xt, rt = x[train], r[train]
+        scatter = np.zeros((5, 5))
+        for c in range(3):
+            mean = (rt[:, c, None] * xt).sum(axis=0) / rt[:, c].sum()
+            np.testing.assert_allclose(model.means[axis[c]] + stats.reference, mean, rtol=1e-9)
+            for row, w in zip(xt, rt[:, c], strict=True):
+                scatter += w * np.outer(row - mean, row - mean)
+        want = np.linalg.eigvalsh(scatter / train.sum())
+        np.testing.assert_allclose(model.eigenvalues, want, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(model.log_prior[axis], np.log(rt.sum(axis=0) / train.sum()), rtol=1e-10)
+
+
+def test_kind_none_is_the_temperature_scaled_classifier() -> None:
+    rng = np.random.default_rng(12)
+    dist, prior, y = rng.uniform(0, 20, (30, 3)), np.log(np.ones(3) / 3), rng.integers(0, 3, 30)
+    got = label_issues(dist, prior, y, LabelNoise(3.0, np.eye(3), 0.0, "none"))
+    logits = -dist / 6.0
+    p = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+    np.testing.assert_allclose(got.probability, 1 - p[np.arange(30), y], rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(got.suggested, p.argmax(axis=1))
+
+
+def test_refit_on_soft_labels_keeps_ranking_and_mean_calibration() -> None:
+    x, y, noisy, flipped, ids = separated_noisy_problem(1000, 0.15, seed=13)
+    fit = find_label_issues(
+        stats_of(x, noisy, ids), x, [f"c{v}" for v in noisy], assign_folds(ids), 0.01, refits=1
+    )
+    from trainer.metrics import auroc
+
+    assert auroc(fit.issues.log_odds, flipped) > 0.97
+    assert fit.issues.probability.sum() == pytest.approx(flipped.sum(), rel=0.15)

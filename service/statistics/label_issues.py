@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.linalg import solve_triangular
+from scipy.linalg import eigh, solve_triangular
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
@@ -293,10 +293,13 @@ def label_issues(
         raise ValueError("the noise model was fitted for a different number of classes")
     if not 0.0 < threshold <= 1.0:
         raise ValueError("threshold must be in (0, 1]")
-    log_p = _log_posterior_rows(d, prior, noise.temperature)
-    with np.errstate(divide="ignore"):
-        log_r = log_p + np.log(noise.transition[:, y].T)
-    log_r -= np.logaddexp.reduce(log_r, axis=1, keepdims=True)
+    log_r = _log_posterior_rows(d, prior, noise.temperature)
+    if noise.kind != "none":
+        # kind "none" (M = I) would say no label is ever wrong; its fields are those of the
+        # temperature-scaled classifier itself, 1 - p_T(g | z).
+        with np.errstate(divide="ignore"):
+            log_r = log_r + np.log(noise.transition[:, y].T)
+        log_r -= logsumexp(log_r, axis=1, keepdims=True)
     r = np.exp(log_r)
     rows = np.arange(y.shape[0])
     # 1 - r(g) through the other classes' sum: no cancellation when r(g) is close to 1.
@@ -313,6 +316,57 @@ def label_issues(
         is_issue=probability >= threshold,
         threshold=float(threshold),
     )
+
+
+def soft_fold_gaussians(
+    stats: SufficientStatistics,
+    features: np.ndarray,
+    folds: np.ndarray,
+    responsibilities: np.ndarray,
+) -> list[FoldGaussian]:
+    """Fold models refitted on soft labels: class ``k`` gets weight ``r_ik`` of sample ``i``.
+
+    The M-step of the generative model behind :func:`label_issues` (latent true class, Gaussian
+    features, noisy given label): with soft labels the tied within-class scatter is
+    ``sum_i z_i z_i^T - sum_k s_k s_k^T / n_k`` (``s_k = sum_i r_ik z_i``, ``n_k = sum_i r_ik``), so
+    the label-free second moments of ``stats`` are reused and only ``r^T Z`` per fold is new.
+
+    Parameters
+    ----------
+    stats : per-fold statistics of exactly these samples.
+    features : (N, D) the samples in the space of ``stats``.
+    folds : (N,) their folds.
+    responsibilities : (N, K) soft labels over the sorted classes (``OutOfFold.classes``),
+        e.g. ``LabelIssues.true_class_posterior``; rows sum to 1.
+    """
+    x = np.asarray(features, dtype=np.float64) - stats.reference
+    folds = np.asarray(folds)
+    present = stats.counts.sum(axis=0) > 0
+    names = np.asarray(stats.classes, dtype=np.str_)
+    keep = np.flatnonzero(present)[np.argsort(names[present], kind="stable")]
+    r = np.zeros((x.shape[0], len(stats.classes)))
+    r[:, keep] = responsibilities
+    soft_counts = np.stack([r[folds == f].sum(axis=0) for f in range(stats.n_folds)])
+    soft_sums = np.stack([r[folds == f].T @ x[folds == f] for f in range(stats.n_folds)])
+    out = []
+    for f in range(stats.n_folds):
+        train = np.arange(stats.n_folds) != f
+        counts = soft_counts[train].sum(axis=0)
+        n_train = counts.sum()
+        if not (folds == f).any() or n_train < 2:
+            continue
+        sums = soft_sums[train].sum(axis=0)
+        second = stats.second_moments[train].sum(axis=0)
+        live = counts > 1e-12
+        means = np.empty_like(sums)
+        means[live] = sums[live] / counts[live, None]
+        means[~live] = sums.sum(axis=0) / n_train
+        tied = (second - (sums[live].T / counts[live]) @ sums[live]) / n_train
+        eigenvalues, eigenvectors = eigh((tied + tied.T) / 2, driver="evr")
+        with np.errstate(divide="ignore"):
+            log_prior = np.where(live, np.log(np.maximum(counts, 1e-300) / n_train), -np.inf)
+        out.append(FoldGaussian(f, means, log_prior, eigenvalues, eigenvectors))
+    return out
 
 
 @dataclass(frozen=True)
@@ -334,6 +388,8 @@ def find_label_issues(
     shrinkage: float,
     kind: NoiseKind = "full",
     threshold: float = DEFAULT_THRESHOLD,
+    refits: int = 0,
+    fold_models: Sequence[FoldGaussian] | None = None,
 ) -> LabelIssueFit:
     """The whole estimator on arrays: out-of-fold distances at ``shrinkage``, the noise model
     fitted on them, and the per-sample fields.
@@ -345,12 +401,21 @@ def find_label_issues(
     labels : (N,) given labels (strings, as in ``stats.classes``).
     folds : (N,) folds of the samples (``assign_folds`` of their IDs).
     shrinkage : rho of the tied covariance, e.g. ``select_shrinkage_by_log_loss(...).best``.
+    kind, threshold : see :func:`fit_label_noise`, :func:`label_issues`.
+    refits : EM rounds that refit the fold Gaussians on the soft true labels
+        (:func:`soft_fold_gaussians`) before the final noise fit; 0 uses the given labels.
+    fold_models : ``fold_gaussians(stats)`` if already computed.
     """
-    oof = out_of_fold_distances(stats, features, folds, shrinkage)
+    oof = out_of_fold_distances(stats, features, folds, shrinkage, fold_models)
     index = {c: i for i, c in enumerate(oof.classes)}
     y = np.fromiter((index[str(c)] for c in labels), dtype=np.int64, count=len(labels))
     noise = fit_label_noise(oof.distances, oof.log_prior, y, kind)
     issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold)
+    for _ in range(refits):
+        models = soft_fold_gaussians(stats, features, folds, issues.true_class_posterior)
+        oof = out_of_fold_distances(stats, features, folds, shrinkage, models)
+        noise = fit_label_noise(oof.distances, oof.log_prior, y, kind)
+        issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold)
     return LabelIssueFit(issues, noise, oof, float(shrinkage))
 
 
