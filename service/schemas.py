@@ -195,3 +195,40 @@ class Failures(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+# -- the dashboard's routes: one sample's evidence, the map's rows ------------------------------
+
+
+class ClassDistance(BaseModel):
+    label: str
+    rmd: float = Field(description="relative Mahalanobis distance to this class (md_class - md_agnostic)")
+    md_class: float
+
+
+class SampleNeighbor(BaseModel):
+    sample_id: str
+    label: str | None
+    similarity: float = Field(description="cosine similarity to the sample")
+    scores: dict[str, float | str | None] | None = Field(
+        description="the neighbor's row of the score table (None where it was not scored: unlabelled)"
+    )
+
+
+class SampleDetail(BaseModel):
+    fit_id: str
+    sample_id: str
+    label: str | None
+    predicted_label: str
+    scores: dict[str, float | str | None] | None = Field(
+        description="every column of the sample's row in the current fit's score table"
+    )
+    class_distances: list[ClassDistance] = Field(description="rmd to every fitted class, nearest first")
+    neighbors: list[SampleNeighbor]
+    has_thumbnail: bool
+
+
+class MapRows(BaseModel):
+    fit_id: str
+    rows: list[int]
+    items: list[ScoreItem]

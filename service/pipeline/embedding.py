@@ -35,6 +35,7 @@ from service.pipeline.fitting import add_labelled, extend_statistics_cache
 from service.pipeline.gpu_decode import decode_batch_on_gpu, gpu_decode_supported
 from service.statistics import SufficientStatistics
 from service.storage.embeddings import EmbeddingStore
+from service.storage.thumbnails import THUMBNAIL_SIZE, ThumbnailStore, make_thumbnail
 
 Tick = Callable[[int], None]  # told how many samples were settled (embedded, failed or present)
 
@@ -50,6 +51,9 @@ class ChunkResult:
     statistics: SufficientStatistics | None = None
     stopped: bool = False  # should_stop() fired: this result is partial and must not be stored
     encoder: dict | None = None  # the encoder's describe() record, where the executor reports it
+    # A small JPEG per embedded sample (row-aligned with sample_ids; None where none was made),
+    # made from the decoded image so the archive is never read twice.
+    thumbnails: list[bytes | None] | None = None
 
 
 @dataclass
@@ -74,6 +78,12 @@ _GPU_JPEG = "gpu-jpeg"
 
 def _prepare(sample: Sample, encoder: Encoder, gpu_jpeg: bool) -> tuple[str, object]:
     """In a worker thread: ("ok", tensor) | (_GPU_JPEG, bytes) | ("bad", reason)."""
+    kind, payload, _ = _prepare_with_thumbnail(sample, encoder, gpu_jpeg)
+    return kind, payload
+
+
+def _prepare_with_thumbnail(sample: Sample, encoder: Encoder, gpu_jpeg: bool) -> tuple[str, object, bytes | None]:
+    """:func:`_prepare` plus the sample's thumbnail, made from the image decoded for the encoder."""
     try:
         data = read_sample_bytes(sample)
         if gpu_jpeg:
@@ -81,17 +91,25 @@ def _prepare(sample: Sample, encoder: Encoder, gpu_jpeg: bool) -> tuple[str, obj
             # nvJPEG ignores EXIF orientation: rotated photos take the CPU path, which applies it.
             upright = image.getexif().get(ExifTags.Base.Orientation, 1) == 1
             if image.format == "JPEG" and image.mode in ("RGB", "L") and upright:
-                return _GPU_JPEG, data
+                # The thumbnail from a 1/8-scale DCT decode: a fraction of a full decode.
+                return _GPU_JPEG, data, _thumbnail(decode_image(data, draft_size=THUMBNAIL_SIZE))
         image = decode_image(data, draft_size=encoder.decode_size)
-        return "ok", encoder.preprocess(image)
+        return "ok", encoder.preprocess(image), _thumbnail(image)
     except BadImage as exc:
-        return "bad", str(exc)
+        return "bad", str(exc), None
     except Exception as exc:  # a preprocessing bug on one odd image must not stop the run
-        return "bad", f"could not preprocess: {type(exc).__name__}: {exc}"
+        return "bad", f"could not preprocess: {type(exc).__name__}: {exc}", None
 
 
-def _prepare_group(group: list[Sample], encoder: Encoder, gpu_jpeg: bool) -> list[tuple[str, object]]:
-    return [_prepare(sample, encoder, gpu_jpeg) for sample in group]
+def _thumbnail(image: object) -> bytes | None:
+    try:
+        return make_thumbnail(image)
+    except Exception:  # a sample without a thumbnail is still a sample
+        return None
+
+
+def _prepare_group(group: list[Sample], encoder: Encoder, gpu_jpeg: bool) -> list[tuple[str, object, bytes | None]]:
+    return [_prepare_with_thumbnail(sample, encoder, gpu_jpeg) for sample in group]
 
 
 def _prepared_in_order(
@@ -101,7 +119,7 @@ def _prepared_in_order(
     ahead: int,
     gpu_jpeg: bool,
     group_size: int,
-) -> Iterator[tuple[Sample, tuple[str, object]]]:
+) -> Iterator[tuple[Sample, tuple[str, object, bytes | None]]]:
     """Results in input order, with about ``ahead`` items in flight (bounded memory).
 
     Work is handed to the pool in groups: one future per item costs ~20 us of GIL-holding
@@ -172,6 +190,8 @@ def embed_chunk(
     labels: list[str] = []
     parts: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
+    thumbnail_of: dict[str, bytes | None] = {}  # sample IDs are unique within a chunk
+    thumbnails: list[bytes | None] = []
     stopped = False
     batch: list[tuple[Sample, str, object]] = []
     settled = 0
@@ -183,6 +203,7 @@ def embed_chunk(
             ids.append(sample.sample_id)
             labels.append(sample.label or "")
             parts.append(features)
+            thumbnails.append(thumbnail_of.pop(sample.sample_id, None))
         if on_batch:
             on_batch(settled + len(batch))
         settled = 0
@@ -192,7 +213,7 @@ def embed_chunk(
         ahead = 2 * batch_size + decode.workers  # two batches queued behind the one in flight
         group_size = max(1, min(16, batch_size // (2 * decode.workers)))
         prepared = _prepared_in_order(samples, encoder, decode.pool, ahead, gpu_jpeg, group_size)
-        for sample, (kind, payload) in prepared:
+        for sample, (kind, payload, thumbnail) in prepared:
             if kind == "bad":
                 failures.append((sample.sample_id, str(payload)))
                 settled += 1
@@ -201,6 +222,7 @@ def embed_chunk(
                 stopped = True
                 break
             batch.append((sample, kind, payload))
+            thumbnail_of[sample.sample_id] = thumbnail
             if len(batch) >= batch_size:
                 flush()
         if batch and not stopped:
@@ -216,7 +238,7 @@ def embed_chunk(
     dim = encoder.dim
     features = np.stack(parts).astype(np.float32) if parts else np.zeros((0, dim), np.float32)
     statistics = chunk_statistics(features, labels, ids) if with_statistics and not stopped else None
-    return ChunkResult(ids, labels, features, failures, statistics, stopped, encoder.describe())
+    return ChunkResult(ids, labels, features, failures, statistics, stopped, encoder.describe(), thumbnails)
 
 
 def _embed_batch(
@@ -369,7 +391,10 @@ def embed_source(
             if record is None and result.encoder is not None:
                 record = result.encoder
                 check_encoder_record(store, record)
-            store_chunk(store, result.sample_ids, result.labels, result.features, early.popleft() + result.failures, report)
+            store_chunk(
+                store, result.sample_ids, result.labels, result.features, early.popleft() + result.failures, report,
+                thumbnails=result.thumbnails,
+            )
             stats_pool.submit(_accumulate, report, result)
             if should_stop is not None and should_stop():
                 report.stopped = True
@@ -437,12 +462,16 @@ def store_chunk(
     features: np.ndarray,
     failures: list[tuple[str, str]],
     report: EmbedReport,
+    *,
+    thumbnails: Sequence[bytes | None] | None = None,
 ) -> None:
-    """Write one finished chunk and its failures. Failures first, chunk last: the chunk file
-    marks the pair complete (a failures file whose chunk is missing does not count, and the
-    next run rewrites it)."""
+    """Write one finished chunk, its failures and its thumbnails. Those first, chunk last: the
+    chunk file marks the set complete (a failures or thumbnails file whose chunk is missing does
+    not count, and the next run rewrites it)."""
     index = store.next_index()
     store.write_failures(index, failures)
+    if thumbnails is not None:
+        ThumbnailStore(store.directory).write(index, sample_ids, thumbnails)
     store.write_chunk(index, sample_ids, labels, features)
     report.embedded += len(sample_ids)
     report.failures.extend(failures)

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from service.domain import JobStage
 from service.pipeline.fitting import labelled_statistics, score_store
+from service.pipeline.map2d import pca_map
 from service.statistics import GaussianModel, Shrinkage, fit_gaussians, parse_shrinkage
 from service.storage.embeddings import EmbeddingStore
 from service.storage.fits import FitFiles
@@ -66,6 +67,7 @@ class FitOutcome:
     scores: pa.Table  # SCORE_COLUMNS + KNN_COLUMN
     knn_k: int | None  # None where the column is null (too many samples)
     num_chunks: int  # the store's chunks the fit covers (the neighbor index's snapshot)
+    map_xy: np.ndarray | None = None  # (N, 2) PCA map row-aligned with scores (pipeline.map2d)
 
 
 def copy_embeddings(
@@ -119,7 +121,7 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
         agreement = np.full(scores.num_rows, np.nan)
     scores = scores.append_column(KNN_COLUMN, pa.array(agreement, pa.float64(), from_pandas=True))
     stages.check()
-    return FitOutcome(model, scores, knn_k, num_chunks)
+    return FitOutcome(model, scores, knn_k, num_chunks, pca_map(model, store, num_chunks))
 
 
 def knn_column(store: EmbeddingStore, k: int) -> np.ndarray:
@@ -134,3 +136,5 @@ def knn_column(store: EmbeddingStore, k: int) -> np.ndarray:
 def publish(outcome: FitOutcome, files: FitFiles) -> None:
     """Write the fit's files (model, score tables, metadata); the caller records the fit."""
     files.write(outcome.model.to_arrays(), outcome.scores, num_chunks=outcome.num_chunks)
+    if outcome.map_xy is not None:
+        files.write_map(outcome.scores, outcome.map_xy)

@@ -35,6 +35,7 @@ import numpy as np
 from service.ingest.sample import Sample
 from service.pipeline.embedding import ChunkResult, Tick
 from service.statistics import SufficientStatistics
+from service.storage.thumbnails import pack, unpack
 
 # Encoded bytes sent to the cluster per Ray Data pipeline (window). Path rows are tiny and are
 # all sent in one window, so the actor pool (and its model load) lives for the whole run.
@@ -70,7 +71,7 @@ class EmbedChunks:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         from service.pipeline.embedding import embed_chunk
 
-        out: dict[str, list[Any]] = {k: [] for k in ("index", "sample_ids", "labels", "features", "failures", "statistics", "encoder")}
+        out: dict[str, list[Any]] = {k: [] for k in ("index", "sample_ids", "labels", "features", "failures", "statistics", "encoder", "thumbnails")}
         for row in range(len(batch["index"])):
             samples = list(_samples_of(batch, row))
             result = embed_chunk(samples, self.encoder, batch_size=self.batch_size, decode=self.decode)
@@ -81,6 +82,8 @@ class EmbedChunks:
             out["failures"].append(json.dumps(result.failures))
             out["statistics"].append(b"" if result.statistics is None else _npz_bytes(result.statistics.to_arrays()))
             out["encoder"].append(json.dumps(self.encoder.describe()))
+            data, offsets = pack(result.thumbnails or [])
+            out["thumbnails"].append(_npz_bytes({"data": data, "offsets": offsets}))
         return out
 
 
@@ -219,6 +222,7 @@ class RayExecutor:
                 failures=failures,
                 statistics=statistics,
                 encoder=json.loads(result["encoder"]),
+                thumbnails=list(unpack(**_load_npz_bytes(result["thumbnails"]))),
             )
 
     def close(self) -> None:

@@ -4,6 +4,8 @@
     meta.json        {"num_chunks": the embedding-store chunks the fit covered}
     scores.arrow, by_label.arrow, labels.json, scores.parquet
                      the score table and its sorted copies (written and paged by storage.scores)
+    map.arrow        the 2-D map: float32 columns x, y, row-aligned with scores.arrow (optional:
+                     fits published before the map existed have none)
 
 A fit folder is written completely before the database names it as the dataset's current fit,
 so readers never see a partial one.
@@ -17,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from service.storage import layout
-from service.storage.files import atomic_savez, atomic_write_bytes, load_npz
+from service.storage.files import atomic_savez, atomic_write, atomic_write_bytes, load_npz
 from service.storage.scores import write_score_files
 
 MODEL = "model.npz"
 META = "meta.json"
+MAP = "map.arrow"
 
 
 class FitFiles:
@@ -38,6 +42,29 @@ class FitFiles:
         atomic_savez(self.directory / MODEL, model_arrays)
         write_score_files(self.directory, scores)
         atomic_write_bytes(self.directory / META, json.dumps({"num_chunks": num_chunks}).encode())
+
+    def write_map(self, scores: pa.Table, xy: np.ndarray) -> None:
+        """The 2-D map, ``xy`` row-aligned with ``scores`` (the fit's table in its own order),
+        stored in the order of scores.arrow (rmd, sample_id) so row i of one is row i of the other."""
+        if xy.shape != (scores.num_rows, 2):
+            raise ValueError(f"map of shape {xy.shape} for {scores.num_rows} scored rows")
+        order = pc.sort_indices(scores, [("rmd", "ascending"), ("sample_id", "ascending")]).to_numpy()
+        xy = np.asarray(xy, dtype=np.float32)[order]
+        table = pa.table({"x": xy[:, 0], "y": xy[:, 1]})
+
+        def write(fh) -> None:  # type: ignore[no-untyped-def]
+            with pa.ipc.new_file(fh, table.schema) as writer:
+                writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+
+        atomic_write(self.directory / MAP, write)
+
+    def map_xy(self) -> np.ndarray | None:
+        """(N, 2) float32 in scores.arrow's row order; None for a fit without a map."""
+        path = self.directory / MAP
+        if not path.exists():
+            return None
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        return np.column_stack([table.column("x").to_numpy(), table.column("y").to_numpy()])
 
     def model_arrays(self) -> dict[str, np.ndarray]:
         return load_npz(self.directory / MODEL)
