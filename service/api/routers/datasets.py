@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import orjson
 from fastapi import APIRouter, Body, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import schemas
@@ -160,21 +161,22 @@ async def get_scores(
 ):
     # The database lookup runs in the thread pool (a stalled database must not block the event
     # loop); a JSON page itself is a sub-millisecond binary search + slice, served inline.
-    fit, files = await run_in_threadpool(scores.current_fit, ctx, tenant, dataset_id)
+    fit_id, files = await run_in_threadpool(scores.current_fit_files, ctx, tenant, dataset_id)
     directory = files.directory
+    headers = {"X-Fit-Id": fit_id}
     if format == "json":
-        body = scores.scores_page(fit.id, files, limit=limit, cursor=cursor, order=order, label=label)
-        return JSONResponse(body, headers={"X-Fit-Id": fit.id})
-    headers = {"X-Fit-Id": fit.id}
+        body = scores.scores_page(fit_id, files, limit=limit, cursor=cursor, order=order, label=label)
+        # orjson: the page's JSON in a tenth of the time of json.dumps (the page hot path).
+        return Response(orjson.dumps(body), media_type="application/json", headers=headers)
     if format == "arrow":
         return StreamingResponse(score_files.arrow_stream(directory), media_type=ARROW_STREAM, headers=headers)
     if format == "csv":
-        headers["Content-Disposition"] = f'attachment; filename="scores-{fit.id}.csv"'
+        headers["Content-Disposition"] = f'attachment; filename="scores-{fit_id}.csv"'
         return StreamingResponse(score_files.csv_stream(directory), media_type="text/csv", headers=headers)
     return FileResponse(
         await run_in_threadpool(score_files.parquet_path, directory),
         media_type="application/vnd.apache.parquet",
-        filename=f"scores-{fit.id}.parquet",
+        filename=f"scores-{fit_id}.parquet",
         headers=headers,
     )
 
