@@ -16,10 +16,13 @@ from service.ingest.sample import (
     MAX_ITEM_BYTES,
     Sample,
     SampleSource,
+    TarHeaderRefused,
     UnsafeMemberName,
     is_hidden,
+    iter_tar,
     label_of,
     member_sample_id,
+    shown_name,
 )
 
 
@@ -52,7 +55,7 @@ def _zip_sample(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Sample:
     try:
         name = member_sample_id(info.filename)
     except UnsafeMemberName as exc:
-        return Sample(info.filename, None, error=str(exc))
+        return Sample(shown_name(info.filename), None, error=str(exc))
     label = label_of(name)
     if info.file_size > MAX_ITEM_BYTES:
         return Sample(name, label, error=f"member too large ({info.file_size} bytes)")
@@ -74,26 +77,26 @@ def iter_tar_members(path: Path) -> Iterator[tuple[str | None, str, bytes | None
     so the run finishes and lists what went wrong."""
     seen = 0
     try:
-        with tarfile.open(path, mode="r|*") as archive:
-            for member in archive:
-                if not member.isreg() or is_hidden(member.name):
-                    continue
-                seen += 1
-                try:
-                    name = member_sample_id(member.name)
-                except UnsafeMemberName as exc:
-                    yield None, member.name, None, str(exc)
-                    continue
-                if member.size > MAX_ITEM_BYTES:
-                    yield name, member.name, None, f"member too large ({member.size} bytes)"
-                    continue
-                fh = archive.extractfile(member)
-                data = fh.read() if fh is not None else b""
-                if len(data) != member.size:
-                    yield name, member.name, None, "archive member truncated"
-                    continue
-                yield name, member.name, data, None
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        # The upload check's bounds (sample.iter_tar): no oversized header is read, memory flat.
+        for archive, member in iter_tar(path):
+            if not member.isreg() or is_hidden(member.name):
+                continue
+            seen += 1
+            try:
+                name = member_sample_id(member.name)
+            except UnsafeMemberName as exc:
+                yield None, shown_name(member.name), None, str(exc)
+                continue
+            if member.size > MAX_ITEM_BYTES:
+                yield name, member.name, None, f"member too large ({member.size} bytes)"
+                continue
+            fh = archive.extractfile(member)
+            data = fh.read() if fh is not None else b""
+            if len(data) != member.size:
+                yield name, member.name, None, "archive member truncated"
+                continue
+            yield name, member.name, data, None
+    except (tarfile.TarError, TarHeaderRefused, EOFError, OSError, ValueError) as exc:
         yield None, f"{Path(path).name}#after-{seen}", None, f"archive unreadable after {seen} members: {exc}"
 
 
@@ -119,7 +122,6 @@ def tar_member_count(path: Path) -> int | None:
     # Headers only: an uncompressed tar seeks over member data; a gzip tar has to be
     # decompressed, which is still far faster than decoding and embedding the images.
     try:
-        with tarfile.open(path, mode="r:*") as archive:
-            return sum(1 for m in archive if m.isreg() and not is_hidden(m.name))
-    except (tarfile.TarError, EOFError, OSError):
+        return sum(1 for _, m in iter_tar(path, stream=False) if m.isreg() and not is_hidden(m.name))
+    except (tarfile.TarError, TarHeaderRefused, EOFError, OSError):
         return None

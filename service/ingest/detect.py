@@ -9,7 +9,14 @@ from pathlib import Path
 from service.ingest.archive import TarSource, ZipSource
 from service.ingest.folder import FolderSource
 from service.ingest.manifest import MANIFEST_SUFFIXES, ManifestSource
-from service.ingest.sample import ReaderError, SampleSource, is_hidden, is_tar
+from service.ingest.sample import (
+    ReaderError,
+    SampleSource,
+    TarHeaderRefused,
+    is_hidden,
+    is_tar,
+    iter_tar,
+)
 from service.ingest.webdataset import WebDatasetSource, expand_shard_pattern
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -45,13 +52,12 @@ def looks_like_webdataset(path: Path) -> bool:
     """A tar is a WebDataset shard when its first members carry ``.cls`` labels; an
     ImageFolder tar has ``<class>/<image>`` members and no such files."""
     try:
-        with tarfile.open(path, mode="r|*") as archive:
-            for i, member in enumerate(archive):
-                if i >= _PEEK_MEMBERS:
-                    break
-                if member.isreg() and member.name.lower().endswith(".cls"):
-                    return True
-    except (tarfile.TarError, EOFError, OSError):
+        for i, (_, member) in enumerate(iter_tar(path)):
+            if i >= _PEEK_MEMBERS:
+                break
+            if member.isreg() and member.name.lower().endswith(".cls"):
+                return True
+    except (tarfile.TarError, TarHeaderRefused, EOFError, OSError):
         return False
     return False
 

@@ -17,13 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidInput
-from service.ingest.sample import UnsafeMemberName, is_hidden, is_tar, member_sample_id
+from service.ingest.sample import (
+    TarHeaderRefused,
+    UnsafeMemberName,
+    is_hidden,
+    is_tar,
+    iter_tar,
+    member_sample_id,
+)
 
 # A zip member that claims to expand more than this ratio is a bomb, whatever the total.
 MAX_COMPRESSION_RATIO = 1000
 _RATIO_MIN_BYTES = 1 << 20
-
-
+# Average central-directory bytes per entry a zip may use (46-byte record + a name of at most
+# MAX_SAMPLE_ID_LENGTH characters in UTF-8 + ordinary extra fields).
+MAX_ZIP_ENTRY_BYTES = 4096
 
 class ArchiveError(InvalidInput):
     """The archive is refused; the message says which member and why."""
@@ -58,7 +66,7 @@ def inspect_archive(
     """The sample members of a zip or tar(.gz/.bz2/.xz) archive, after refusing unsafe ones."""
     path = Path(path)
     if zipfile.is_zipfile(path):
-        raw = _zip_members(path)
+        raw = _zip_members(path, max_members)
     elif is_tar(path):
         raw = _tar_members(path, max_members, max_total_bytes)
     else:
@@ -68,7 +76,7 @@ def inspect_archive(
     for name, size in raw:
         total += size
         if len(members) >= max_members:
-            raise ArchiveError(f"archive has more than {max_members} members (limit)")
+            raise ArchiveError(f"archive has more than {max_members} members (limit DIFFICULTY_MAX_ARCHIVE_MEMBERS)")
         if total > max_total_bytes:
             raise ArchiveError(
                 f"archive expands to more than {max_total_bytes} bytes (limit); split it into smaller uploads"
@@ -90,11 +98,40 @@ def inspect_archive(
     return members
 
 
-def _zip_members(path: Path) -> list[tuple[str, int]]:
+def _zip_directory(path: Path, max_members: int) -> None:
+    """Refuse a zip whose end-of-central-directory record declares more entries than allowed, or
+    a central directory larger than that many entries need, before ``zipfile`` reads and parses
+    the directory (it reads it whole, then builds one ZipInfo per entry whatever the count says).
+    """
+    with open(path, "rb") as fh:
+        record = zipfile._EndRecData(fh)  # the record zipfile itself reads (zip64 resolved)
+    if record is None:
+        raise ArchiveError("the zip archive is corrupt: no end-of-central-directory record")
+    entries, size = record[zipfile._ECD_ENTRIES_TOTAL], record[zipfile._ECD_SIZE]
+    if entries > max_members:
+        raise ArchiveError(
+            f"archive has {entries} entries, more than the limit of {max_members} "
+            "(DIFFICULTY_MAX_ARCHIVE_MEMBERS; directories count)"
+        )
+    if size > max(entries, 1) * MAX_ZIP_ENTRY_BYTES:
+        raise ArchiveError(
+            f"the zip central directory is {size} bytes for {entries} entries "
+            f"(more than {MAX_ZIP_ENTRY_BYTES} bytes per entry): corrupt or hostile"
+        )
+
+
+def _zip_members(path: Path, max_members: int) -> list[tuple[str, int]]:
     out = []
     try:
+        _zip_directory(path, max_members)
         with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
+            infos = archive.infolist()
+            if len(infos) > max_members:  # the record's count can lie; the list cannot
+                raise ArchiveError(
+                    f"archive has more than {max_members} entries (limit DIFFICULTY_MAX_ARCHIVE_MEMBERS; "
+                    "directories count)"
+                )
+            for info in infos:
                 mode = info.external_attr >> 16
                 kind = stat.S_IFMT(mode)
                 if kind == stat.S_IFLNK:
@@ -121,27 +158,27 @@ def _tar_members(path: Path, max_members: int, max_total_bytes: int) -> list[tup
     out = []
     total = 0
     try:
-        # Streaming mode: members are read in order without building an index in memory first.
-        with tarfile.open(path, mode="r|*") as archive:
-            for member in archive:
-                if member.issym() or member.islnk():
-                    raise ArchiveError(f"archive member {member.name!r} is a symlink or hardlink")
-                if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
-                    raise ArchiveError(f"archive member {member.name!r} is a device file or FIFO")
-                normalise_member_name(member.name)
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise ArchiveError(f"archive member {member.name!r} is not a regular file")
-                total += member.size
-                # Stop early on bombs instead of decompressing the whole stream first.
-                if total > max_total_bytes:
-                    raise ArchiveError(
-                        f"archive expands to more than {max_total_bytes} bytes (limit); split it into smaller uploads"
-                    )
-                if len(out) >= max_members:
-                    raise ArchiveError(f"archive has more than {max_members} members (limit)")
-                out.append((member.name, member.size))
+        # One forward pass, constant memory: every header counts against the member limit
+        # (directories and extension headers too) and no header is read above its bound.
+        for _, member in iter_tar(path, max_headers=max_members):
+            if member.issym() or member.islnk():
+                raise ArchiveError(f"archive member {member.name[:200]!r} is a symlink or hardlink")
+            if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+                raise ArchiveError(f"archive member {member.name[:200]!r} is a device file or FIFO")
+            normalise_member_name(member.name)
+            if member.isdir():
+                continue
+            if not member.isfile():
+                raise ArchiveError(f"archive member {member.name[:200]!r} is not a regular file")
+            total += member.size
+            # Stop early on bombs instead of decompressing the whole stream first.
+            if total > max_total_bytes:
+                raise ArchiveError(
+                    f"archive expands to more than {max_total_bytes} bytes (limit); split it into smaller uploads"
+                )
+            out.append((member.name, member.size))
+    except TarHeaderRefused as exc:
+        raise ArchiveError(str(exc)) from None
     except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
         raise ArchiveError(f"the tar archive is corrupt or truncated: {exc}") from None
     return out
