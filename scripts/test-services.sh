@@ -17,3 +17,10 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
   for _ in $(seq 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
 fi
 pg_isready -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not reachable on 127.0.0.1:5432"; exit 1; }
+
+# The container test (tests/test_container.py): Debian's Docker engine, running, and a local
+# Debian base image (the test builds its images on it). A failure here is reported by that test
+# (it fails under CI without an engine) rather than stopping the rest of the suite.
+if ! bash "$(dirname "$0")/container-engine.sh"; then
+  echo "WARNING: no Docker engine could be started; tests/test_container.py needs one"
+fi
