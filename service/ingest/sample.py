@@ -71,6 +71,8 @@ def text_problem(value: str, what: str, limit: int) -> str | None:
     surrogates, which no response, database or file format can carry)."""
     if len(value) > limit:
         return f"{what} of {len(value)} characters exceeds the limit of {limit} characters"
+    if "\x00" in value:
+        return f"{what} {value[:100]!r} contains NUL"  # no database text column can hold it
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

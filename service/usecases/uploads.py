@@ -116,8 +116,9 @@ def accept_embeddings(ctx: AppContext, tenant: str, dataset_id: str, form: Form)
         if "embeddings" not in form.files or "labels" not in form.files:
             raise InvalidInput("multipart fields 'embeddings' (.npy, N x D) and 'labels' are required")
         features = load_embeddings(form.files["embeddings"])
-        labels = load_labels(form.files["labels"])
-        ids = load_ids(form.files["ids"]) if "ids" in form.files else None
+        # Label and ID files are read line by line, at most one line past the row count.
+        labels = load_labels(form.files["labels"], max_count=features.shape[0])
+        ids = load_ids(form.files["ids"], max_count=features.shape[0]) if "ids" in form.files else None
         check_lengths(features.shape[0], labels, ids)
         if any(label == "" for label in labels):
             raise InvalidInput("labels must not be empty strings")
