@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import schemas
@@ -12,6 +12,7 @@ from service.jobs import queue
 from service.storage.database import Job, Upload
 from service.usecases.context import AppContext
 from service.usecases.datasets import MAX_ID_LENGTH, owned, utc
+from service.usecases.uploads import check_data_shape, dataset_shape
 
 PROGRESS_FIELDS = ("done", "total", "per_second", "eta_seconds")
 
@@ -38,9 +39,11 @@ def job_out(job: Job) -> schemas.JobOut:
 def start_fit(ctx: AppContext, tenant: str, dataset_id: str, options: schemas.FitOptions) -> schemas.JobAccepted:
     with ctx.db() as session:
         dataset = owned(session, tenant, dataset_id)
-        has_items = session.scalar(select(func.count()).select_from(Upload).where(Upload.dataset_id == dataset.id))
-        if not has_items:
+        dataset_uploads = list(session.scalars(select(Upload).where(Upload.dataset_id == dataset.id)))
+        if not dataset_uploads:
             raise Conflict("the dataset has no items: upload an archive (items) or embeddings first")
+        # The limits may have been lowered since the uploads: checked again before queueing.
+        check_data_shape(ctx.settings, *dataset_shape(ctx, dataset, dataset_uploads))
         job = queue.enqueue(
             session,
             dataset_id=dataset.id,

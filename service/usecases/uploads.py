@@ -18,9 +18,11 @@ from sqlalchemy.orm import Session
 from service import schemas
 from service.domain import UploadKind, UploadState
 from service.encoders.names import check_encoder_name, is_image_encoder
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict, InvalidInput, TooLarge
 from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
 from service.ingest.safety import inspect_archive
+from service.settings import Settings
+from service.statistics.folds import N_FOLDS
 from service.storage import layout
 from service.storage.database import Dataset, Upload, new_id, utcnow
 from service.storage.uploads import UploadFiles
@@ -48,6 +50,43 @@ def _check_duplicates(ctx: AppContext, dataset: Dataset, uploads: list[Upload], 
                 f"{clash.size} sample IDs already exist in this dataset (first: {clash[:3].tolist()}); "
                 "IDs must be unique (for embeddings without 'ids' the row index is the ID: pass 'ids')"
             )
+
+
+def check_data_shape(settings: Settings, num_items: int, dim: int | None, classes: Counter[str] | set[str]) -> None:
+    """Refuse a dataset shape the fit cannot hold: D above DIFFICULTY_MAX_DIM, K above
+    DIFFICULTY_MAX_CLASSES, more than 16 classes with fewer than 1/DIFFICULTY_MAX_CLASS_FRACTION
+    samples per class on average (K close to N), or running sums over DIFFICULTY_MAX_FIT_BYTES.
+    The fit holds N_FOLDS x (K x D + D x D) float64 sums: (10, 40000) would mean ~64 GB.
+    ``dim`` None: images, whose encoder fixes D."""
+    k = len(classes)
+    if dim is not None and dim > settings.max_dim:
+        raise TooLarge(f"embeddings have D={dim} dimensions; the limit is {settings.max_dim} (DIFFICULTY_MAX_DIM)")
+    if k > settings.max_classes:
+        raise TooLarge(f"the dataset would have {k} classes; the limit is {settings.max_classes} (DIFFICULTY_MAX_CLASSES)")
+    if k > max(16, settings.max_class_fraction * num_items):
+        raise InvalidInput(
+            f"{k} classes for {num_items} samples: more than {settings.max_class_fraction:g} classes per sample "
+            "(DIFFICULTY_MAX_CLASS_FRACTION); a class needs samples to have a distribution"
+        )
+    if dim is not None:
+        need = 8 * N_FOLDS * (k * dim + dim * dim)
+        if need > settings.max_fit_bytes:
+            raise TooLarge(
+                f"a fit of K={k} classes in D={dim} dimensions needs {need} bytes of running sums; the limit "
+                f"is {settings.max_fit_bytes} bytes (DIFFICULTY_MAX_FIT_BYTES)"
+            )
+
+
+def dataset_shape(ctx: AppContext, dataset: Dataset, uploads: list[Upload]) -> tuple[int, int | None, set[str]]:
+    """(N, D or None for images, class names) of a dataset's committed uploads."""
+    classes: set[str] = set()
+    for upload in uploads:
+        classes.update(upload.classes or {})
+    dim = None
+    embedded = [u for u in uploads if u.kind == UploadKind.EMBEDDINGS]
+    if embedded:
+        dim = UploadFiles(layout.upload_dir(ctx.settings.data_dir, dataset.id, embedded[0].path)).embedding_dim()
+    return sum(u.num_items for u in uploads), dim, classes
 
 
 def _commit(
@@ -102,8 +141,11 @@ def accept_archive(ctx: AppContext, tenant: str, dataset_id: str, form: Form) ->
                     f"this dataset holds precomputed embeddings ({dataset.encoder!r}); "
                     "create a dataset with an image encoder for images"
                 )
+            uploads = _uploads(session, dataset)
+            n_old, _, old_classes = dataset_shape(ctx, dataset, uploads)
+            check_data_shape(ctx.settings, n_old + len(members), None, old_classes | {m.label for m in members})
             ids = np.asarray([m.name for m in members], dtype=np.str_)
-            _check_duplicates(ctx, dataset, _uploads(session, dataset), ids)
+            _check_duplicates(ctx, dataset, uploads, ids)
             UploadFiles(form.directory).put_archive(form.files["file"], ids)
             classes = Counter(m.label for m in members)
             return _commit(ctx, session, dataset, form, UploadKind.ARCHIVE, len(members), classes)
@@ -127,6 +169,7 @@ def accept_embeddings(ctx: AppContext, tenant: str, dataset_id: str, form: Form)
             check_encoder_name(name)
         n, dim = features.shape
         del features
+        check_data_shape(ctx.settings, n, dim, set(labels))  # before the lock: this upload alone
         with ctx.upload_lock(dataset_id), ctx.db() as session:
             dataset = owned(session, tenant, dataset_id)
             uploads = _uploads(session, dataset)
@@ -144,6 +187,8 @@ def accept_embeddings(ctx: AppContext, tenant: str, dataset_id: str, form: Form)
                 first = UploadFiles(layout.upload_dir(ctx.settings.data_dir, dataset.id, uploads[0].path))
                 if first.embedding_dim() != dim:
                     raise InvalidInput(f"embeddings have D={dim} but this dataset's have D={first.embedding_dim()}")
+            n_old, _, old_classes = dataset_shape(ctx, dataset, uploads)
+            check_data_shape(ctx.settings, n_old + n, dim, old_classes | set(labels))
             id_array = UploadFiles.ids_or_default(ids, n)
             _check_duplicates(ctx, dataset, uploads, id_array)
             UploadFiles(form.directory).put_embeddings(
