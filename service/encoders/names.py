@@ -9,6 +9,8 @@ Names:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from service.errors import InvalidInput
 
 DEFAULT_ENCODER = "open_clip:ViT-B-16:openai"  # the paper's backbone
@@ -55,9 +57,11 @@ def is_image_encoder(name: str) -> bool:
 
 def check_encoder_name(name: str) -> None:
     """Cheap validation (at dataset creation and upload); loading weights happens in the job."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise EncoderError(f"encoder {_shown(name)} is longer than {MAX_NAME_LENGTH} characters")
     if name.startswith(OPEN_CLIP_PREFIX):
         parse_open_clip_name(name)
-    elif not name or len(name) > MAX_NAME_LENGTH or any(c.isspace() for c in name):
+    elif not name or any(c.isspace() for c in name):
         raise EncoderError(
             f"encoder {_shown(name)} is not valid: use {EXAMPLES}, or a short name (no spaces, at "
             f"most {MAX_NAME_LENGTH} characters) for precomputed embeddings"
@@ -70,4 +74,50 @@ def require_image_encoder(name: str) -> None:
         raise EncoderError(
             f"the dataset's encoder {_shown(name)} names precomputed embeddings; images need an image "
             f"encoder ({EXAMPLES}): create a dataset with one"
+        )
+
+
+# Prefixes of model families: a name starting with one is taken for an image encoder (a typo
+# such as 'efficientnet-lite1' must not silently become a label for precomputed features).
+_IMAGE_FAMILIES = ("open_clip", "openclip", "efficientnet")
+
+
+def looks_like_image_encoder(name: str) -> bool:
+    return is_image_encoder(name) or name.lower().startswith(_IMAGE_FAMILIES)
+
+
+def is_checkpoint_path(name: str) -> bool:
+    """An open_clip name whose pretrained part names a file on the server, not a published tag."""
+    if not name.startswith(OPEN_CLIP_PREFIX):
+        return False
+    _, _, pretrained = name.removeprefix(OPEN_CLIP_PREFIX).partition(":")
+    return any(c in pretrained for c in "/\\~") or pretrained.startswith(".") or "." in pretrained
+
+
+def check_tenant_encoder(name: str, allowed: Iterable[str]) -> None:
+    """The policy for an encoder a tenant names (dataset creation, before a fit): an image
+    encoder must be on the operator's allow-list, exactly (a checkpoint path only when the
+    operator listed that path); any other short name labels precomputed features. Nothing is
+    looked up on disk or downloaded here, so a refusal says nothing about the server's files."""
+    check_encoder_name(name)
+    if not looks_like_image_encoder(name):
+        return
+    allowed = tuple(allowed)
+    if name in allowed:
+        return
+    what = "names a file on the server" if is_checkpoint_path(name) else "is not allowed on this server"
+    raise EncoderError(
+        f"encoder {_shown(name)} {what}: image encoders here are {', '.join(map(repr, allowed))} "
+        "(the operator sets DIFFICULTY_ALLOWED_ENCODERS)"
+    )
+
+
+def check_features_name(name: str) -> None:
+    """The ``encoder`` field of an embeddings upload labels features computed elsewhere: it may
+    not name (or look like) an image encoder, which the server would then load for images."""
+    check_encoder_name(name)
+    if looks_like_image_encoder(name):
+        raise EncoderError(
+            f"{_shown(name)} names an image encoder: uploaded embeddings get a name of their own "
+            "(e.g. 'clip-b16-features'); images are embedded by a dataset created with an image encoder"
         )

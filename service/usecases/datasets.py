@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from service import schemas
 from service.domain import ACTIVE_JOB_STATES
-from service.encoders.names import check_encoder_name
+from service.encoders.names import check_tenant_encoder
 from service.errors import NotFound
 from service.jobs import queue
 from service.storage import layout
@@ -77,9 +77,14 @@ def _dataset_out(session: Session, dataset: Dataset) -> schemas.DatasetOut:
     )
 
 
+def allowed_encoders(ctx: AppContext) -> tuple[str, ...]:
+    """The image encoders tenants may name: the operator's list and the default encoder."""
+    return (ctx.settings.default_encoder, *[e for e in ctx.settings.allowed_encoders if e != ctx.settings.default_encoder])
+
+
 def create_dataset(ctx: AppContext, tenant: str, body: schemas.DatasetCreate) -> schemas.Created:
     encoder = body.encoder or ctx.settings.default_encoder
-    check_encoder_name(encoder)
+    check_tenant_encoder(encoder, allowed_encoders(ctx))
     with ctx.db() as session:
         dataset = Dataset(id=new_id(), tenant=tenant, name=body.name, encoder=encoder, created_at=utcnow())
         session.add(dataset)

@@ -7,11 +7,12 @@ from sqlalchemy.orm import Session
 
 from service import schemas
 from service.domain import JobKind
+from service.encoders.names import check_tenant_encoder
 from service.errors import Conflict, NotFound
 from service.jobs import queue
 from service.storage.database import Job, Upload
 from service.usecases.context import AppContext
-from service.usecases.datasets import MAX_ID_LENGTH, owned, utc
+from service.usecases.datasets import MAX_ID_LENGTH, allowed_encoders, owned, utc
 from service.usecases.uploads import check_data_shape, dataset_shape
 
 PROGRESS_FIELDS = ("done", "total", "per_second", "eta_seconds")
@@ -42,7 +43,8 @@ def start_fit(ctx: AppContext, tenant: str, dataset_id: str, options: schemas.Fi
         dataset_uploads = list(session.scalars(select(Upload).where(Upload.dataset_id == dataset.id)))
         if not dataset_uploads:
             raise Conflict("the dataset has no items: upload an archive (items) or embeddings first")
-        # The limits may have been lowered since the uploads: checked again before queueing.
+        # The operator's lists and limits may have changed since: checked again before queueing.
+        check_tenant_encoder(dataset.encoder, allowed_encoders(ctx))
         check_data_shape(ctx.settings, *dataset_shape(ctx, dataset, dataset_uploads))
         job = queue.enqueue(
             session,

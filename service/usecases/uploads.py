@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from service import schemas
 from service.domain import UploadKind, UploadState
-from service.encoders.names import check_encoder_name, is_image_encoder
+from service.encoders.names import check_features_name, is_image_encoder
 from service.errors import Conflict, InvalidInput, TooLarge
 from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
 from service.ingest.safety import inspect_archive
@@ -166,7 +166,7 @@ def accept_embeddings(ctx: AppContext, tenant: str, dataset_id: str, form: Form)
             raise InvalidInput("labels must not be empty strings")
         name = form.fields.get("encoder", "").strip() or None
         if name is not None:
-            check_encoder_name(name)
+            check_features_name(name)
         n, dim = features.shape
         del features
         check_data_shape(ctx.settings, n, dim, set(labels))  # before the lock: this upload alone
