@@ -73,7 +73,7 @@ KNN = "10-NN disagreement (1 - knn_agreement)"
 CLEANLAB = "cleanlab Datalab (features)"
 CLEANLAB_OURS = "cleanlab Datalab (pred_probs: our out-of-fold posterior)"
 # The label-issue default, fixed on the development seeds (100, 101) before the reported run.
-DEFAULT = "label_issue_probability full [rho by log-loss]"
+DEFAULT = "label_issue_probability full refit1 [rho by log-loss]"
 
 
 def load_features(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -192,6 +192,7 @@ def evaluate(
     log_prior = np.log(counts / n)
     rows = np.arange(n)
     yi = np.searchsorted(names[order], np.asarray(labels))
+    t = time.perf_counter()
 
     def md0(rho: float) -> np.ndarray:
         return np.einsum("nd,d,nd->n", u_0, 1.0 / shrunk_eigenvalues(lam_0, rho), u_0)
@@ -228,83 +229,79 @@ def evaluate(
             add(f"1 - p(y|z) in-sample [rho={rho:g}]", wrong_label_log_odds(lp, yi))
     timing["in_sample_grid"] = time.perf_counter() - t
 
-    # Shrinkage by held-out classification log-loss (the new selection), and out-of-fold scores.
+    # Shrinkage by held-out classification log-loss (the new selection), and out-of-fold scores:
+    # one projection per fold for the whole grid. The selection's own streaming path
+    # (select_shrinkage_by_log_loss) is run on the first setting and must agree exactly.
     t = time.perf_counter()
     models = fold_gaussians(stats)
-    cv = select_shrinkage_by_log_loss(stats, x, labels, folds, SHRINKAGE_GRID, models)
-    rho_ll = cv.best
-    timing["select_log_loss"] = time.perf_counter() - t
-    info["rho_log_loss"] = rho_ll
-    info["cv_log_loss"] = cv.log_loss.tolist()
-    info["cv_error_rate"] = cv.error_rate.tolist()
-    # The same criterion after a per-rho temperature (a calibrated classifier's log-loss).
     oof_by_rho = dict(zip(SHRINKAGE_GRID, out_of_fold_distances_grid(stats, x, folds, SHRINKAGE_GRID, models), strict=True))
-    tempered_loss = []
-    for rho in SHRINKAGE_GRID:
-        oof = oof_by_rho[rho]
-        yo = np.searchsorted(oof.classes, np.asarray(labels))
-        fit_none = fit_label_noise(oof.distances, oof.log_prior, yo, "none")
-        tempered_loss.append(-fit_none.log_likelihood)
+    yo = np.searchsorted(oof_by_rho[SHRINKAGE_GRID[0]].classes, np.asarray(labels))
+    log_loss = [float(-oof_by_rho[rho].log_posterior()[rows, yo].mean()) for rho in SHRINKAGE_GRID]
+    rho_ll = SHRINKAGE_GRID[int(np.argmin(log_loss))]
+    if check:
+        cv = select_shrinkage_by_log_loss(stats, x, labels, folds, SHRINKAGE_GRID, models)
+        assert cv.best == rho_ll and np.allclose(cv.log_loss, log_loss, rtol=1e-9), (cv, log_loss)
+    info["rho_log_loss"] = rho_ll
+    info["cv_log_loss"] = log_loss
+    # The same criterion after a per-rho temperature (a calibrated classifier's log-loss).
+    tempered_loss = [
+        -fit_label_noise(oof_by_rho[rho].distances, oof_by_rho[rho].log_prior, yo, "none").log_likelihood
+        for rho in SHRINKAGE_GRID
+    ]
     rho_llt = SHRINKAGE_GRID[int(np.argmin(tempered_loss))]
-    for rho in FIXED_RHOS:
-        oof = oof_by_rho[rho]
-        yo = np.searchsorted(oof.classes, np.asarray(labels))
-        add(f"1 - p(y|z) out-of-fold [rho={rho:g}]", wrong_label_log_odds(oof.log_posterior(), yo))
     info["rho_log_loss_tempered"] = rho_llt
     info["cv_log_loss_tempered"] = tempered_loss
+    for rho in FIXED_RHOS:
+        add(f"1 - p(y|z) out-of-fold [rho={rho:g}]", wrong_label_log_odds(oof_by_rho[rho].log_posterior(), yo))
+    add("1 - p(y|z) out-of-fold [rho by tempered log-loss]",
+        wrong_label_log_odds(oof_by_rho[rho_llt].log_posterior(), yo))  # fmt: skip
     timing["out_of_fold_grid"] = time.perf_counter() - t
 
-    for tag, rho in (("rho by log-loss", rho_ll), ("rho by tempered log-loss", rho_llt)):
-        d = in_sample[rho]
-        lp = log_posterior(d, log_prior)
-        p_in = -np.expm1(lp[rows, yi])
-        add(f"1 - p(y|z) in-sample [{tag}]", wrong_label_log_odds(lp, yi))
-        add(f"md_y - min_k md_k [{tag}]", d[rows, yi] - d.min(axis=1))
-        oof = oof_by_rho[rho]
-        yo = np.searchsorted(oof.classes, np.asarray(labels))
-        add(f"1 - p(y|z) out-of-fold [{tag}]", wrong_label_log_odds(oof.log_posterior(), yo))
-        add(f"mean rank(1 - p out-of-fold, 10-NN) [{tag}]", rank01(wrong_label_log_odds(oof.log_posterior(), yo)) + rank01(knn))
-        add(f"mean rank(1 - p in-sample, 10-NN) [{tag}]", rank01(wrong_label_log_odds(lp, yi)) + rank01(knn))
-        add(f"mean(1 - p in-sample, 10-NN) [{tag}]", p_in + knn)
-        for kind in ("full", "uniform", "none"):
-            t = time.perf_counter()
-            noise = fit_label_noise(oof.distances, oof.log_prior, yo, kind)
-            fields = label_issues(oof.distances, oof.log_prior, yo, noise)
-            timing[f"noise_{kind}_{tag}"] = time.perf_counter() - t
-            name = f"label_issue_probability {kind} [{tag}]"
-            add(name, fields.log_odds)  # ranked by log-odds: probability's order, no ties
-            out[name]["temperature"] = noise.temperature
-            out[name]["mean_probability"] = float(fields.probability.mean())
-            out[name]["flagged"] = int(fields.is_issue.sum())
-            out[name]["flagged_precision"] = (
-                float(flipped[fields.is_issue].mean()) if fields.is_issue.any() else None
-            )
-            out[name]["flagged_recall"] = float(fields.is_issue[flipped].mean())
-            out[name]["reliability"] = reliability(fields.probability, flipped)
-            # Suggested label accuracy on the truly flipped samples (vs the clean label) is
-            # filled in by the caller, which knows the clean labels.
-            out[name]["_suggested"] = oof.classes[fields.suggested]
-            if kind == "full" and tag == "rho by log-loss":
-                # One EM round that refits the fold Gaussians on the soft true labels.
-                t = time.perf_counter()
-                refit = find_label_issues(stats, x, labels, folds, rho, "full", refits=1, fold_models=models)
-                timing["refit1"] = time.perf_counter() - t
-                rname = f"label_issue_probability full refit1 [{tag}]"
-                add(rname, refit.issues.log_odds)
-                out[rname]["temperature"] = refit.noise.temperature
-                out[rname]["mean_probability"] = float(refit.issues.probability.mean())
-                out[rname]["flagged"] = int(refit.issues.is_issue.sum())
-                out[rname]["flagged_precision"] = (
-                    float(flipped[refit.issues.is_issue].mean()) if refit.issues.is_issue.any() else None
-                )
-                out[rname]["flagged_recall"] = float(refit.issues.is_issue[flipped].mean())
-                out[rname]["reliability"] = reliability(refit.issues.probability, flipped)
-                out[rname]["_suggested"] = refit.out_of_fold.classes[refit.issues.suggested]
-            if kind == "full":
-                add(f"mean rank(label_issue_probability full, 10-NN) [{tag}]",
-                    rank01(fields.log_odds) + rank01(knn))  # fmt: skip
-                add(f"mean(label_issue_probability full, 10-NN) [{tag}]",
-                    fields.probability + knn)  # fmt: skip
+    def add_fields(name: str, fields, noise) -> None:
+        add(name, fields.log_odds)  # ranked by log-odds: the probability's order, no ties
+        v = out[name]
+        v["temperature"] = noise.temperature
+        v["mean_probability"] = float(fields.probability.mean())
+        v["flagged"] = int(fields.is_issue.sum())
+        v["flagged_precision"] = float(flipped[fields.is_issue].mean()) if fields.is_issue.any() else None
+        v["flagged_recall"] = float(fields.is_issue[flipped].mean())
+        v["reliability"] = reliability(fields.probability, flipped)
+        v["reliability_raw"] = reliability(fields.raw_probability, flipped)
+        # Accuracy of the suggestion on the flipped samples: filled in by the caller.
+        v["_suggested"] = oof_by_rho[rho_ll].classes[fields.suggested]
+
+    tag = "rho by log-loss"
+    rho = rho_ll
+    d = in_sample[rho]
+    lp = log_posterior(d, log_prior)
+    p_in = -np.expm1(lp[rows, yi])
+    add(f"1 - p(y|z) in-sample [{tag}]", wrong_label_log_odds(lp, yi))
+    add(f"md_y - min_k md_k [{tag}]", d[rows, yi] - d.min(axis=1))
+    oof = oof_by_rho[rho]
+    p_oof = wrong_label_log_odds(oof.log_posterior(), yo)
+    add(f"1 - p(y|z) out-of-fold [{tag}]", p_oof)
+    add(f"mean rank(1 - p out-of-fold, 10-NN) [{tag}]", rank01(p_oof) + rank01(knn))
+    add(f"mean rank(1 - p in-sample, 10-NN) [{tag}]", rank01(wrong_label_log_odds(lp, yi)) + rank01(knn))
+    add(f"mean(1 - p in-sample, 10-NN) [{tag}]", p_in + knn)
+    for kind in ("full", "uniform", "none"):
+        t = time.perf_counter()
+        noise = fit_label_noise(oof.distances, oof.log_prior, yo, kind)
+        fields = label_issues(oof.distances, oof.log_prior, yo, noise, calibration=None)
+        timing[f"noise_{kind}"] = time.perf_counter() - t
+        add_fields(f"label_issue_probability {kind} [{tag}]", fields, noise)
+        if kind == "full":
+            add(f"mean rank(label_issue_probability full, 10-NN) [{tag}]",
+                rank01(fields.log_odds) + rank01(knn))  # fmt: skip
+            add(f"mean(label_issue_probability full, 10-NN) [{tag}]", fields.probability + knn)
+    # The default: one EM round refitting the fold Gaussians on the soft true labels, then the
+    # calibration map (and the same without the map, for the record).
+    t = time.perf_counter()
+    refit = find_label_issues(stats, x, labels, folds, rho, "full", refits=1, fold_models=models, out_of_fold=oof)
+    timing["refit1"] = time.perf_counter() - t
+    add_fields(f"label_issue_probability full refit1 [{tag}]", refit.issues, refit.noise)
+    info["noise_rate_estimated"] = float(
+        np.sum(np.exp(refit.out_of_fold.log_prior[0]) * refit.noise.noise_rate)
+    )
 
     if with_cleanlab:
         t = time.perf_counter()
@@ -434,11 +431,13 @@ def main() -> int:
     parser.add_argument("--no-cleanlab", action="store_true")
     parser.add_argument("--json", default=None, help="write all results here")
     parser.add_argument("--default", default=DEFAULT, help="variant shown as the default")
-    parser.add_argument("--from-json", default=None, help="only print the tables of a saved run")
+    parser.add_argument("--from-json", default=None, help="only print the tables of saved runs (comma-separated JSON files)")
     args = parser.parse_args()
 
     if args.from_json:
-        print(markdown(json.loads(Path(args.from_json).read_text()), args.default))
+        # Several files (e.g. one per seed, run side by side) are pooled.
+        runs = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())["runs"]]
+        print(markdown({"runs": runs}, args.default))
         return 0
     started = time.perf_counter()
     features, clean, indices, meta = load_features(args)

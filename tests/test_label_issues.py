@@ -205,7 +205,7 @@ def test_label_issues_match_brute_force_posterior() -> None:
     transition = rng.dirichlet(np.ones(k) * 0.5, size=k) + np.eye(k) * 3
     transition /= transition.sum(axis=1, keepdims=True)
     noise = LabelNoise(2.5, transition, 0.0, "full")
-    got = label_issues(dist, prior, y, noise, threshold=0.4)
+    got = label_issues(dist, prior, y, noise, threshold=0.4, calibration=None)
     prob, suggested, post = brute_label_issues(dist, np.tile(prior, (n, 1)), y, 2.5, transition)
     np.testing.assert_allclose(got.probability, prob, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(got.suggested, suggested)
@@ -213,6 +213,20 @@ def test_label_issues_match_brute_force_posterior() -> None:
     np.testing.assert_allclose(got.suggested_probability, post[np.arange(n), suggested])
     np.testing.assert_array_equal(got.is_issue, prob >= 0.4)
     np.testing.assert_allclose(got.log_odds, np.log(prob / (1 - prob)), rtol=1e-8)
+
+    # The calibration map: logit(q) = a logit(q_model) + b, other classes rescaled to 1 - q.
+    cal = label_issues(dist, prior, y, noise, threshold=0.4, calibration=(0.7, -0.5))
+    np.testing.assert_allclose(cal.raw_probability, prob, rtol=1e-10, atol=1e-12)
+    for i in range(n):
+        logit = 0.7 * np.log(prob[i] / (1 - prob[i])) - 0.5
+        q = 1 / (1 + np.exp(-logit))
+        assert cal.probability[i] == pytest.approx(q, rel=1e-9)
+        want = post[i] * q / prob[i]
+        want[y[i]] = 1 - q
+        np.testing.assert_allclose(cal.true_class_posterior[i], want, rtol=1e-8, atol=1e-12)
+        assert cal.suggested[i] == int(np.argmax(want))
+        assert cal.is_issue[i] == (q >= 0.4)
+    assert np.all(np.argsort(cal.log_odds) == np.argsort(got.log_odds))
 
 
 def test_log_odds_rank_where_probability_saturates() -> None:
@@ -260,7 +274,9 @@ def test_noise_model_recovers_the_flip_rate_and_is_a_likelihood_optimum() -> Non
 
 def test_find_label_issues_ranks_and_calibrates_on_separated_classes() -> None:
     x, y, noisy, flipped, ids = separated_noisy_problem(1000, 0.15, seed=9)
-    fit = find_label_issues(stats_of(x, noisy, ids), x, [f"c{v}" for v in noisy], assign_folds(ids), 0.01)
+    fit = find_label_issues(
+        stats_of(x, noisy, ids), x, [f"c{v}" for v in noisy], assign_folds(ids), 0.01, calibration=None
+    )
     from trainer.metrics import auroc
 
     assert auroc(fit.issues.log_odds, flipped) > 0.97
@@ -327,7 +343,7 @@ def test_soft_fold_gaussians_match_weighted_brute_force() -> None:
 def test_kind_none_is_the_temperature_scaled_classifier() -> None:
     rng = np.random.default_rng(12)
     dist, prior, y = rng.uniform(0, 20, (30, 3)), np.log(np.ones(3) / 3), rng.integers(0, 3, 30)
-    got = label_issues(dist, prior, y, LabelNoise(3.0, np.eye(3), 0.0, "none"))
+    got = label_issues(dist, prior, y, LabelNoise(3.0, np.eye(3), 0.0, "none"), calibration=None)
     logits = -dist / 6.0
     p = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
     np.testing.assert_allclose(got.probability, 1 - p[np.arange(30), y], rtol=1e-10, atol=1e-12)
@@ -337,8 +353,9 @@ def test_kind_none_is_the_temperature_scaled_classifier() -> None:
 def test_refit_on_soft_labels_keeps_ranking_and_mean_calibration() -> None:
     x, y, noisy, flipped, ids = separated_noisy_problem(1000, 0.15, seed=13)
     fit = find_label_issues(
-        stats_of(x, noisy, ids), x, [f"c{v}" for v in noisy], assign_folds(ids), 0.01, refits=1
-    )
+        stats_of(x, noisy, ids), x, [f"c{v}" for v in noisy], assign_folds(ids), 0.01, refits=1,
+        calibration=None,
+    )  # fmt: skip
     from trainer.metrics import auroc
 
     assert auroc(fit.issues.log_odds, flipped) > 0.97

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from scipy.linalg import eigh, solve_triangular
 from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
+from scipy.special import expit, log_expit, logsumexp
 
 from service.statistics.gaussian import GaussianModel, normalize_features
 from service.statistics.selection import (
@@ -47,6 +47,14 @@ from service.statistics.sufficient import SufficientStatistics
 
 # A label is flagged when it is more likely wrong than right.
 DEFAULT_THRESHOLD = 0.5
+# Platt correction of the model's log-odds, ``logit(q) = a * logit(q_model) + b``: the EM
+# calibration above needs no true label but measured over-confident in the middle (samples given
+# 0.85 were 55-74% wrong). Fitted once, on the development seeds of
+# benchmarks/label_issues_evidence.py (seed 100; N = 1,000/3,000/10,000; uniform and
+# class-conditional flips at 5/10/20%; reliability bins, 14 settings), and checked on the
+# disjoint reported seeds (docs/evidence.md, section 5). A constant of the method measured on one
+# dataset and encoder, not refitted per dataset: pass ``calibration=None`` for the model's own.
+DEFAULT_CALIBRATION: tuple[float, float] = (0.69, -0.61)
 # Bounds of the fitted temperature (log scale): the posterior of a near-unshrunk fit at N ~ D
 # needs T of several hundred to be calibrated, a heavily shrunk one may need T < 1.
 LOG_TEMPERATURE_BOUNDS = (np.log(1e-2), np.log(1e5))
@@ -258,7 +266,8 @@ class LabelIssues:
     """Per-sample label-issue fields.
 
     Attributes:
-        probability: (N,) ``P(given label is wrong | z, given label)``.
+        probability: (N,) ``P(given label is wrong | z, given label)``, calibrated.
+        raw_probability: (N,) the same under the fitted model before the calibration map.
         log_odds: (N,) ``log(probability / (1 - probability))`` computed without saturation:
             the ranking key (most likely issue first), also among probabilities that round to
             0 or 1.
@@ -270,6 +279,7 @@ class LabelIssues:
     """
 
     probability: np.ndarray
+    raw_probability: np.ndarray
     log_odds: np.ndarray
     suggested: np.ndarray
     suggested_probability: np.ndarray
@@ -284,10 +294,16 @@ def label_issues(
     labels: np.ndarray,
     noise: LabelNoise,
     threshold: float = DEFAULT_THRESHOLD,
+    calibration: tuple[float, float] | None = DEFAULT_CALIBRATION,
 ) -> LabelIssues:
     """Label-issue fields from (N, K) class ``distances`` (out-of-fold, as fitted), their
     (K,) or (N, K) ``log_prior``, (N,) given ``labels`` (class indices) and a fitted
-    :class:`LabelNoise`."""
+    :class:`LabelNoise`.
+
+    ``calibration`` ``(a, b)`` maps the model's log-odds ``l`` of a wrong label to ``a l + b``
+    (monotone: the ranking is unchanged); the other classes' posteriors are rescaled to the new
+    total, so ``true_class_posterior`` rows still sum to 1 and ``suggested_probability`` is on
+    the same scale as ``probability``."""
     d, prior, y = _validated(distances, log_prior, labels)
     if noise.transition.shape != (d.shape[1], d.shape[1]):
         raise ValueError("the noise model was fitted for a different number of classes")
@@ -300,16 +316,29 @@ def label_issues(
         with np.errstate(divide="ignore"):
             log_r = log_r + np.log(noise.transition[:, y].T)
         log_r -= logsumexp(log_r, axis=1, keepdims=True)
-    r = np.exp(log_r)
     rows = np.arange(y.shape[0])
-    # 1 - r(g) through the other classes' sum: no cancellation when r(g) is close to 1.
-    others = r.copy()
-    others[rows, y] = 0.0
-    probability = np.clip(others.sum(axis=1), 0.0, 1.0)
+    raw_log_odds = wrong_label_log_odds(log_r, y)
+    raw_probability = expit(raw_log_odds)
+    if calibration is not None:
+        slope, intercept = calibration
+        if not slope > 0:
+            raise ValueError("the calibration slope must be positive (the map must be monotone)")
+        log_odds = slope * raw_log_odds + intercept
+        # log P(wrong) of the model = logsumexp over the other classes = log_r(g) + raw_log_odds.
+        log_wrong = log_r[rows, y] + raw_log_odds
+        shift = log_expit(log_odds) - log_wrong
+        given = log_expit(-log_odds)
+        log_r = log_r + shift[:, None]
+        log_r[rows, y] = given
+    else:
+        log_odds = raw_log_odds
+    r = np.exp(log_r)
     suggested = r.argmax(axis=1)
+    probability = expit(log_odds)
     return LabelIssues(
         probability=probability,
-        log_odds=wrong_label_log_odds(log_r, y),
+        raw_probability=raw_probability,
+        log_odds=log_odds,
         suggested=suggested,
         suggested_probability=r[rows, suggested],
         true_class_posterior=r,
@@ -390,6 +419,8 @@ def find_label_issues(
     threshold: float = DEFAULT_THRESHOLD,
     refits: int = 0,
     fold_models: Sequence[FoldGaussian] | None = None,
+    calibration: tuple[float, float] | None = DEFAULT_CALIBRATION,
+    out_of_fold: OutOfFold | None = None,
 ) -> LabelIssueFit:
     """The whole estimator on arrays: out-of-fold distances at ``shrinkage``, the noise model
     fitted on them, and the per-sample fields.
@@ -405,17 +436,23 @@ def find_label_issues(
     refits : EM rounds that refit the fold Gaussians on the soft true labels
         (:func:`soft_fold_gaussians`) before the final noise fit; 0 uses the given labels.
     fold_models : ``fold_gaussians(stats)`` if already computed.
+    calibration : see :func:`label_issues`.
+    out_of_fold : ``out_of_fold_distances(stats, features, folds, shrinkage)`` if already
+        computed.
     """
-    oof = out_of_fold_distances(stats, features, folds, shrinkage, fold_models)
+    oof = out_of_fold
+    if oof is None:
+        oof = out_of_fold_distances(stats, features, folds, shrinkage, fold_models)
     index = {c: i for i, c in enumerate(oof.classes)}
     y = np.fromiter((index[str(c)] for c in labels), dtype=np.int64, count=len(labels))
     noise = fit_label_noise(oof.distances, oof.log_prior, y, kind)
-    issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold)
     for _ in range(refits):
-        models = soft_fold_gaussians(stats, features, folds, issues.true_class_posterior)
+        # Soft labels from the model's own posterior (uncalibrated: the EM's E-step).
+        soft = label_issues(oof.distances, oof.log_prior, y, noise, threshold, None)
+        models = soft_fold_gaussians(stats, features, folds, soft.true_class_posterior)
         oof = out_of_fold_distances(stats, features, folds, shrinkage, models)
         noise = fit_label_noise(oof.distances, oof.log_prior, y, kind)
-        issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold)
+    issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold, calibration)
     return LabelIssueFit(issues, noise, oof, float(shrinkage))
 
 
