@@ -63,9 +63,11 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     images = root / "images"
     write_image_folder(images, per_class=8, size=48)
     (images / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    settings = make_settings(root / "data", api_keys={key: tenant for tenant, key in KEYS.items()})
+    encoder = f"open_clip:{TINY_CLIP}:{checkpoint}"
+    settings = make_settings(
+        root / "data", api_keys={key: tenant for tenant, key in KEYS.items()}, allowed_encoders=(encoder,)
+    )
     with TestClient(create_app(settings)) as client:
-        encoder = f"open_clip:{TINY_CLIP}:{checkpoint}"
         image_ds = client.post("/v1/datasets", json={"name": "img", "encoder": encoder}, headers=ALICE).json()["id"]
         up = client.post(f"/v1/datasets/{image_ds}/items", files={"file": ("i.zip", _zip(images))}, headers=ALICE)
         assert up.status_code == 201, up.text

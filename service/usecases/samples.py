@@ -133,11 +133,12 @@ def _quantize(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
     return q, [lo, hi]
 
 
-def pack_map(fit_id: str, files: FitFiles) -> bytes:
+def pack_map(fit_id: str, files: FitFiles, *, thumbnails: bool = False) -> bytes:
     """The map in one compact body (10 bytes a point)::
 
         uint32 little-endian L, then L bytes of JSON (padded with spaces to a multiple of 8):
-          {"count": n, "labels": [...], "x": [lo, hi], "y": [lo, hi], "rmd": [lo, hi], "fit_id": ...}
+          {"count": n, "labels": [...], "x": [lo, hi], "y": [lo, hi], "rmd": [lo, hi], "fit_id": ...,
+           "thumbnails": whether the samples have thumbnails}
         then five little-endian uint16 arrays of n: x, y, rmd (each value = lo + q / 65535 * (hi - lo)),
         label, predicted_label (indices into "labels").
 
@@ -158,7 +159,7 @@ def pack_map(fit_id: str, files: FitFiles) -> bytes:
     rmd, rmd_range = _quantize(table.column("rmd").to_numpy())
     header = json.dumps(
         {"count": int(table.num_rows), "labels": classes.tolist(), "x": x_range, "y": y_range,
-         "rmd": rmd_range, "fit_id": fit_id}
+         "rmd": rmd_range, "fit_id": fit_id, "thumbnails": thumbnails}
     ).encode()
     header += b" " * (-(len(header) + 4) % 8)
     return b"".join(
@@ -176,7 +177,9 @@ def packed_map(ctx: AppContext, tenant: str, dataset_id: str) -> PackedMap:
     with _lock:
         body = _maps.get(fit.id)
     if body is None:
-        body = pack_map(fit.id, files)  # a fit's files never change: one packing per fit
+        # A fit's files never change: one packing per fit.
+        has_thumbnails = bool(ThumbnailStore(layout.store_dir(ctx.settings.data_dir, dataset_id)).indices())
+        body = pack_map(fit.id, files, thumbnails=has_thumbnails)
         with _lock:
             _maps[fit.id] = body
             while len(_maps) > MAPS_KEPT:
