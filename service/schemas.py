@@ -210,7 +210,7 @@ class SampleNeighbor(BaseModel):
     sample_id: str
     label: str | None
     similarity: float = Field(description="cosine similarity to the sample")
-    scores: dict[str, float | str | None] | None = Field(
+    scores: dict[str, bool | float | str | None] | None = Field(
         description="the neighbor's row of the score table (None where it was not scored: unlabelled)"
     )
 
@@ -220,7 +220,7 @@ class SampleDetail(BaseModel):
     sample_id: str
     label: str | None
     predicted_label: str
-    scores: dict[str, float | str | None] | None = Field(
+    scores: dict[str, bool | float | str | None] | None = Field(
         description="every column of the sample's row in the current fit's score table"
     )
     class_distances: list[ClassDistance] = Field(description="rmd to every fitted class, nearest first")
