@@ -437,24 +437,29 @@ def markdown(result: dict, default: str = DEFAULT) -> str:
                 f"{np.mean([x['temperature'] for x in v]):.1f} |"
             )
         lines.append("")
-    # Reliability of the default probability, pooled over runs, per noise kind.
+    # Reliability of the default probability, pooled over runs, per noise kind; beside it the
+    # model's own probability before the calibration map (binned by that probability).
     if default in names and "reliability" in runs[0]["scores"].get(default, {}):
         for kind in sorted({r["noise"] for r in runs}):
             total = np.zeros((len(RELIABILITY_BINS) - 1, 3))
+            raw = np.zeros_like(total)
             for r in runs:
                 if r["noise"] == kind and default in r["scores"]:
                     total += np.asarray(r["scores"][default]["reliability"], dtype=float)
+                    raw += np.asarray(r["scores"][default].get("reliability_raw", np.zeros_like(raw)), dtype=float)
             lines += [
                 f"Reliability of `{default}` ({kind} flips, all N, rates and seeds pooled):",
                 "",
-                "| probability bin | samples | mean probability | truly wrong |",
-                "|---|---|---|---|",
+                "| probability bin | samples | mean probability | truly wrong | samples (before the map) | mean probability (before) | truly wrong (before) |",
+                "|---|---|---|---|---|---|---|",
             ]
             for b in range(total.shape[0]):
-                count, psum, wrong = total[b]
                 lo, hi = RELIABILITY_BINS[b], RELIABILITY_BINS[b + 1]
-                if count:
-                    lines.append(f"| [{lo:.1f}, {hi:.1f}{']' if b == total.shape[0] - 1 else ')'} | {int(count):,} | {psum / count:.3f} | {wrong / count:.3f} |")
+                cells = []
+                for t in (total, raw):
+                    count, psum, wrong = t[b]
+                    cells += [f"{int(count):,}", f"{psum / count:.3f}", f"{wrong / count:.3f}"] if count else ["0", "-", "-"]
+                lines.append(f"| [{lo:.1f}, {hi:.1f}{']' if b == total.shape[0] - 1 else ')'} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
 
