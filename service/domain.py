@@ -33,6 +33,7 @@ class JobStage(StrEnum):
     FITTING = "fitting"
     SCORING = "scoring"
     NEIGHBORS = "neighbors"
+    LABEL_ISSUES = "label_issues"
     PUBLISHING = "publishing"
     DONE = "done"
 

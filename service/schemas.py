@@ -129,6 +129,12 @@ class ScoreItem(BaseModel):
     rmd_min: float
     predicted_label: str
     knn_agreement: float | None = None
+    label_issue_probability: float | None = Field(
+        default=None, description="calibrated probability that the given label is wrong (docs/method.md)"
+    )
+    suggested_label: str | None = Field(default=None, description="the most likely true label")
+    suggested_label_probability: float | None = None
+    is_label_issue: bool | None = Field(default=None, description="label_issue_probability >= the threshold")
 
 
 class ScorePage(BaseModel):
@@ -162,6 +168,7 @@ class ClassSummary(BaseModel):
     rmd_p90: float
     rmd_p99: float
     predicted_differs: float = Field(description="share of the class whose predicted_label differs from its label")
+    label_issues: int | None = Field(default=None, description="samples of the class flagged is_label_issue")
 
 
 class Summary(BaseModel):
@@ -232,3 +239,23 @@ class MapRows(BaseModel):
     fit_id: str
     rows: list[int]
     items: list[ScoreItem]
+
+
+class LabelIssue(BaseModel):
+    sample_id: str
+    label: str
+    suggested_label: str
+    suggested_label_probability: float
+    label_issue_probability: float
+    is_label_issue: bool
+    rmd: float
+    disagreeing_neighbors: list[str] = Field(
+        description="IDs of the sample's nearest neighbors whose label differs from its own (the evidence)"
+    )
+
+
+class LabelIssuePage(BaseModel):
+    items: list[LabelIssue]
+    next_cursor: str | None
+    fit_id: str
+    threshold: float = Field(description="is_label_issue is label_issue_probability >= threshold")

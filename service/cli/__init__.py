@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--knn-max-items", type=int, default=20_000, help="above this many samples knn_agreement is left empty"
     )
+    score.add_argument(
+        "--label-issues", default=None, metavar="CSV",
+        help="also write the label-issue report (most likely first, with the disagreeing neighbors) here",
+    )
     score.add_argument("--work-dir", default=None, help="where embeddings are kept (resumable)")
     score.add_argument("--device", default="auto")
     score.add_argument("--batch-size", type=int, default=None)

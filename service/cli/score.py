@@ -24,8 +24,9 @@ from tqdm import tqdm
 from service.domain import JobStage
 from service.errors import ServiceError
 from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
-from service.pipeline.fit_dataset import FitSettings, copy_embeddings, fit_and_score
+from service.pipeline.fit_dataset import FitOutcome, FitSettings, copy_embeddings, fit_and_score
 from service.storage.embeddings import EmbeddingStore
+from service.storage.scores import ISSUE_COLUMNS
 
 CHUNK_ROWS = 65536
 SHOW_FAILURES = 10
@@ -168,21 +169,47 @@ def score_command(args: argparse.Namespace) -> int:
             knn_max_items=args.knn_max_items,
         )
         output = Path(args.output)
+        issues_output = Path(args.label_issues) if args.label_issues else None
+        if issues_output is not None and issues_output.suffix.lower() != ".csv":
+            raise UsageError(f"--label-issues must end in .csv, got {issues_output.name!r}")
         if args.embeddings:
             with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
                 store = EmbeddingStore(Path(tmp))
                 embeddings_to_store(args, store)
-                table = fit_and_score(store, settings, bars).scores
+                outcome = fit_and_score(store, settings, bars)
+                report = label_issue_report(store, outcome, settings.knn_k) if issues_output else None
         elif args.source:
-            table = fit_and_score(images_to_store(args), settings, bars).scores
+            store = images_to_store(args)
+            outcome = fit_and_score(store, settings, bars)
+            report = label_issue_report(store, outcome, settings.knn_k) if issues_output else None
         else:
             raise UsageError("give an image source (folder/archive/manifest) or --embeddings")
         bars.close()
+        table = outcome.scores
         write_table(table, output)
+        if issues_output is not None and report is not None:
+            write_table(report, issues_output)
     except (ServiceError, ValueError, FileNotFoundError) as exc:
         bars.close()
         print(f"difficulty score: error: {exc}", file=sys.stderr)
         return 2
     print_summary(table, args.top)
-    print(f"wrote {output}")
+    print(f"wrote {output}" + (f" and {issues_output}" if issues_output else ""))
     return 0
+
+
+def label_issue_report(store: EmbeddingStore, outcome: FitOutcome, k: int) -> pa.Table:
+    """The rows of the API's label-issue report (every sample, most likely issue first) with
+    the IDs of each sample's nearest neighbors that carry another label, ';'-separated."""
+    from service.pipeline.neighbors import load_neighbor_index
+
+    scores = outcome.scores
+    assert outcome.issue_log_odds is not None
+    order = np.lexsort((scores.column("sample_id").to_numpy(zero_copy_only=False), -outcome.issue_log_odds))
+    report = scores.select(list(ISSUE_COLUMNS)).take(pa.array(order))
+    index = load_neighbor_index(store, outcome.num_chunks)
+    disagreeing = []
+    for sample_id, label in zip(report.column("sample_id").to_pylist(), report.column("label").to_pylist(), strict=True):
+        neighbors = index.neighbors(sample_id, k) if sample_id in index.row_of else []
+        disagreeing.append(";".join(n["sample_id"] for n in neighbors if n["label"] != label))
+    return report.append_column("disagreeing_neighbors", pa.array(disagreeing, pa.string()))

@@ -17,12 +17,26 @@ import pyarrow as pa
 from service.domain import JobStage
 from service.pipeline.fitting import labelled_statistics, score_store
 from service.pipeline.map2d import pca_map
-from service.statistics import GaussianModel, Shrinkage, fit_gaussians, parse_shrinkage
+from service.statistics import (
+    GaussianModel,
+    Shrinkage,
+    SufficientStatistics,
+    assign_folds,
+    fit_gaussians,
+    normalize_features,
+    parse_shrinkage,
+)
+from service.statistics.label_issues import find_label_issues
+from service.statistics.selection import fold_gaussians, select_shrinkage_by_log_loss
 from service.storage.embeddings import EmbeddingStore
 from service.storage.fits import FitFiles
 from service.storage.uploads import default_ids
 
 KNN_COLUMN = "knn_agreement"
+LABEL_ISSUE_COLUMNS = ("label_issue_probability", "suggested_label", "suggested_label_probability", "is_label_issue")
+# The label-issue model chosen on development seeds before the reported run (docs/evidence.md).
+LABEL_NOISE_KIND = "full"
+LABEL_ISSUE_REFITS = 1
 
 
 class Stages(Protocol):
@@ -68,6 +82,7 @@ class FitOutcome:
     knn_k: int | None  # None where the column is null (too many samples)
     num_chunks: int  # the store's chunks the fit covers (the neighbor index's snapshot)
     map_xy: np.ndarray | None = None  # (N, 2) PCA map row-aligned with scores (pipeline.map2d)
+    issue_log_odds: np.ndarray | None = None  # (N,) the label-issue ranking key, row-aligned
 
 
 def copy_embeddings(
@@ -121,7 +136,58 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
         agreement = np.full(scores.num_rows, np.nan)
     scores = scores.append_column(KNN_COLUMN, pa.array(agreement, pa.float64(), from_pandas=True))
     stages.check()
-    return FitOutcome(model, scores, knn_k, num_chunks, pca_map(model, store, num_chunks))
+    stages.set_stage(JobStage.LABEL_ISSUES, scores.num_rows)
+    issues = label_issue_columns(store, stats, model)
+    for name, values in issues.columns.items():
+        scores = scores.append_column(name, values)
+    stages.progress(scores.num_rows)
+    stages.check()
+    return FitOutcome(model, scores, knn_k, num_chunks, pca_map(model, store, num_chunks), issues.log_odds)
+
+
+@dataclass(frozen=True)
+class IssueColumns:
+    columns: dict[str, pa.Array]  # LABEL_ISSUE_COLUMNS, row-aligned with score_store
+    log_odds: np.ndarray  # (N,) ranking key of the label-issue report
+    shrinkage: float  # the rho the label-issue model used
+
+
+def label_issue_columns(store: EmbeddingStore, stats: SufficientStatistics, model: GaussianModel) -> IssueColumns:
+    """The label-issue fields of every labelled sample (docs/method.md, "Label issues"): the
+    Gaussian classifier's out-of-fold posterior at the rho of lowest held-out classification
+    log-loss, a label-transition model fitted by EM on the given labels, one soft-label refit,
+    and the calibration map. Needs the labelled features in memory once (N x D float32)."""
+    ids, labels, features = labelled_features(store, normalize=stats.normalized)
+    folds = assign_folds(ids.tolist(), stats.n_folds)
+    fold_models = fold_gaussians(stats)
+    rho = select_shrinkage_by_log_loss(stats, features, labels.tolist(), folds, fold_models=fold_models).best
+    found = find_label_issues(
+        stats, features, labels.tolist(), folds, rho, kind=LABEL_NOISE_KIND, refits=LABEL_ISSUE_REFITS,
+        fold_models=fold_models,
+    ).issues
+    classes = np.asarray(model.classes)
+    columns = {
+        "label_issue_probability": pa.array(found.probability, pa.float64()),
+        "suggested_label": pa.array(classes[found.suggested].tolist(), pa.string()),
+        "suggested_label_probability": pa.array(found.suggested_probability, pa.float64()),
+        "is_label_issue": pa.array(found.is_issue, pa.bool_()),
+    }
+    return IssueColumns(columns, np.asarray(found.log_odds, dtype=np.float64), float(rho))
+
+
+def labelled_features(store: EmbeddingStore, *, normalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_ids, labels, float32 features) of the labelled rows, in store order; L2-normalised
+    when ``normalize`` (the space the statistics were accumulated in)."""
+    ids, labels, parts = [], [], []
+    for chunk in store.iter_chunks():
+        keep = chunk.labels != ""
+        ids.append(chunk.sample_ids[keep])
+        labels.append(chunk.labels[keep])
+        x = chunk.features[keep]
+        parts.append(np.asarray(normalize_features(x) if normalize else x, dtype=np.float32))
+    if not parts:
+        raise ValueError("the dataset has no labelled samples")
+    return np.concatenate(ids), np.concatenate(labels), np.concatenate(parts)
 
 
 def knn_column(store: EmbeddingStore, k: int) -> np.ndarray:
@@ -135,6 +201,6 @@ def knn_column(store: EmbeddingStore, k: int) -> np.ndarray:
 
 def publish(outcome: FitOutcome, files: FitFiles) -> None:
     """Write the fit's files (model, score tables, metadata); the caller records the fit."""
-    files.write(outcome.model.to_arrays(), outcome.scores, num_chunks=outcome.num_chunks)
+    files.write(outcome.model.to_arrays(), outcome.scores, num_chunks=outcome.num_chunks, issue_log_odds=outcome.issue_log_odds)
     if outcome.map_xy is not None:
         files.write_map(outcome.scores, outcome.map_xy)

@@ -38,9 +38,16 @@ class FitFiles:
     def of(cls, data_dir: Path, dataset_id: str, fit_id: str) -> FitFiles:
         return cls(layout.fit_dir(data_dir, dataset_id, fit_id))
 
-    def write(self, model_arrays: dict[str, np.ndarray], scores: pa.Table, *, num_chunks: int) -> None:
+    def write(
+        self,
+        model_arrays: dict[str, np.ndarray],
+        scores: pa.Table,
+        *,
+        num_chunks: int,
+        issue_log_odds: np.ndarray | None = None,
+    ) -> None:
         atomic_savez(self.directory / MODEL, model_arrays)
-        write_score_files(self.directory, scores)
+        write_score_files(self.directory, scores, issue_log_odds)
         atomic_write_bytes(self.directory / META, json.dumps({"num_chunks": num_chunks}).encode())
 
     def write_map(self, scores: pa.Table, xy: np.ndarray) -> None:

@@ -6,6 +6,8 @@ the database. Two copies, each one record batch, memory-mapped on read:
     scores.arrow     sorted by (rmd, sample_id)           -> pages over all samples
     by_label.arrow   sorted by (label, rmd, sample_id)    -> pages with a label filter
     labels.json      {label: [start, stop)} rows of each label in by_label.arrow
+    label_issues.arrow  sorted by (label_issue_log_odds, sample_id) -> the label-issue report,
+                     most likely issue first (fits with label-issue columns only)
 
 A page is a binary search for the cursor's (rmd, sample_id) followed by a slice: O(log N) at any
 cursor position, no OFFSET scan and no per-row database rows for 1M-sample datasets.
@@ -36,6 +38,12 @@ SCORES_FILE = "scores.arrow"
 BY_LABEL_FILE = "by_label.arrow"
 LABELS_FILE = "labels.json"
 PARQUET_FILE = "scores.parquet"
+LABEL_ISSUES_FILE = "label_issues.arrow"
+# The label-issue report's ranking key: log-odds of a wrong label, which keeps an order among
+# probabilities that round to 0 or 1 (stored in the report file only).
+ISSUE_KEY = "label_issue_log_odds"
+ISSUE_COLUMNS = ("sample_id", "label", "suggested_label", "suggested_label_probability",
+                 "label_issue_probability", "is_label_issue", "rmd")
 EXPORT_BATCH_ROWS = 65536
 
 
@@ -74,9 +82,15 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
     atomic_write(path, write)
 
 
-def write_score_files(directory: Path, scores: pa.Table) -> None:
-    """Write the sorted copies of ``scores`` (columns as produced by the fit) into ``directory``."""
+def write_score_files(directory: Path, scores: pa.Table, issue_log_odds: np.ndarray | None = None) -> None:
+    """Write the sorted copies of ``scores`` (columns as produced by the fit) into ``directory``;
+    with ``issue_log_odds`` (row-aligned) also the label-issue report."""
     directory.mkdir(parents=True, exist_ok=True)
+    if issue_log_odds is not None:
+        report = scores.select(list(ISSUE_COLUMNS)).append_column(ISSUE_KEY, pa.array(issue_log_odds, pa.float64()))
+        report = report.take(pc.sort_indices(report, [(ISSUE_KEY, "ascending"), ("sample_id", "ascending")]))
+        _write_ipc(directory / LABEL_ISSUES_FILE, report.combine_chunks())
+        del report
     by_rmd = scores.take(pc.sort_indices(scores, [("rmd", "ascending"), ("sample_id", "ascending")]))
     _write_ipc(directory / SCORES_FILE, by_rmd.combine_chunks())
     del by_rmd
@@ -107,14 +121,15 @@ def _label_offsets(path: str) -> dict[str, list[int]]:
 
 
 @lru_cache(maxsize=16)
-def _rmd(path: str) -> np.ndarray:
-    column = _open(path).column("rmd")
-    return column.chunk(0).to_numpy() if column.num_chunks == 1 else column.to_numpy()
+def _key(path: str, column: str = "rmd") -> np.ndarray:
+    values = _open(path).column(column)
+    return values.chunk(0).to_numpy() if values.num_chunks == 1 else values.to_numpy()
 
 
 def _position(table: pa.Table, rmd: np.ndarray, lo: int, hi: int, cursor: Cursor, *, after: bool) -> int:
-    """In [lo, hi), sorted by (rmd, sample_id): the first row greater than the cursor
-    (``after``), or one past the last row smaller than it (not ``after``)."""
+    """In [lo, hi), sorted by (key, sample_id): the first row greater than the cursor
+    (``after``), or one past the last row smaller than it (not ``after``). The cursor's ``rmd``
+    is the key of the file paged (rmd for score pages)."""
     start = lo + int(np.searchsorted(rmd[lo:hi], cursor.rmd, side="left"))
     stop = lo + int(np.searchsorted(rmd[lo:hi], cursor.rmd, side="right"))
     if start == stop:
@@ -136,7 +151,14 @@ def page(
         path = str(directory / BY_LABEL_FILE)
         table = _open(path)
         lo, hi = _label_offsets(str(directory / LABELS_FILE)).get(label, (0, 0))
-    rmd = _rmd(path)
+    return _page(table, _key(path), lo, hi, limit=limit, cursor=cursor, descending=descending)
+
+
+def _page(
+    table: pa.Table, rmd: np.ndarray, lo: int, hi: int, *, limit: int, cursor: Cursor | None, descending: bool,
+    drop: tuple[str, ...] = (),
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Rows [lo, hi) of ``table`` sorted by (key ``rmd``, sample_id), one page from the cursor."""
     if descending:
         end = hi if cursor is None else _position(table, rmd, lo, hi, cursor, after=False)
         begin = max(lo, end - limit)
@@ -149,11 +171,30 @@ def page(
         more = end < hi
     # Rows are already JSON-clean: scores are finite and a missing knn_agreement is null.
     items = rows
+    for row in items if drop else ():
+        for column in drop:
+            del row[column]
     next_cursor = None
     if more and items:
         last = items[-1]
         next_cursor = Cursor(float(rmd[begin if descending else end - 1]), last["sample_id"]).encode()
     return items, next_cursor
+
+
+def has_label_issues(directory: Path) -> bool:
+    return (directory / LABEL_ISSUES_FILE).exists()
+
+
+def label_issue_page(
+    directory: Path, *, limit: int, cursor: Cursor | None, flagged_only: bool, threshold_log_odds: float
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the label-issue report, most likely issue first; with ``flagged_only`` only
+    rows at or above the flagging threshold (given as log-odds)."""
+    path = str(directory / LABEL_ISSUES_FILE)
+    table = _open(path)
+    key = _key(path, ISSUE_KEY)
+    lo = int(np.searchsorted(key, threshold_log_odds, side="left")) if flagged_only else 0
+    return _page(table, key, lo, table.num_rows, limit=limit, cursor=cursor, descending=True, drop=(ISSUE_KEY,))
 
 
 def score_table(directory: Path) -> pa.Table:
@@ -222,6 +263,11 @@ def class_summary(scores: pa.Table) -> list[dict[str, Any]]:
     rmd = scores.column("rmd").to_numpy()
     order = np.argsort(labels, kind="stable")
     labels, predicted, rmd = labels[order], predicted[order], rmd[order]
+    flagged = (
+        scores.column("is_label_issue").to_numpy(zero_copy_only=False)[order]
+        if "is_label_issue" in scores.column_names
+        else None
+    )
     out = []
     starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else []
     bounds = list(starts) + [len(labels)]
@@ -238,6 +284,7 @@ def class_summary(scores: pa.Table) -> list[dict[str, Any]]:
                 "rmd_p90": float(p[2]),
                 "rmd_p99": float(p[3]),
                 "predicted_differs": float(np.mean(predicted[a:b] != labels[a:b])),
+                "label_issues": None if flagged is None else int(flagged[a:b].sum()),
             }
         )
     return out

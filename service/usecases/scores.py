@@ -13,11 +13,12 @@ from service.encoders.names import is_image_encoder
 from service.errors import Conflict, InvalidInput, NotFound, TooLarge
 from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
 from service.ingest.safety import inspect_archive
+from service.statistics.label_issues import DEFAULT_THRESHOLD
 from service.storage import layout
 from service.storage.database import Dataset, Fit
 from service.storage.embeddings import EmbeddingStore
 from service.storage.fits import FitFiles
-from service.storage.scores import Cursor, page
+from service.storage.scores import Cursor, has_label_issues, label_issue_page, page
 from service.usecases.context import AppContext
 from service.usecases.datasets import MAX_ID_LENGTH, require_dataset
 from service.usecases.forms import Form
@@ -67,6 +68,30 @@ def scores_page(
     items, next_cursor = page(files.directory, limit=limit, cursor=position, descending=order == "desc", label=label)
     # Plain dict (ScorePage's shape): score pages are the hot path, skip re-validating rows.
     return {"items": items, "next_cursor": next_cursor, "fit_id": fit_id}
+
+
+def label_issue_report(
+    ctx: AppContext, tenant: str, dataset_id: str, *, limit: int, cursor: str | None, flagged_only: bool
+) -> schemas.LabelIssuePage:
+    """The current fit's label issues, most likely first, each with the IDs of its nearest
+    neighbors that carry another label (the evidence a person checks)."""
+    fit_id, files = current_fit_files(ctx, tenant, dataset_id)
+    if not has_label_issues(files.directory):
+        raise Conflict("this fit has no label-issue fields (it predates them): POST /v1/datasets/{id}/fit again")
+    threshold = DEFAULT_THRESHOLD
+    items, next_cursor = label_issue_page(
+        files.directory,
+        limit=limit,
+        cursor=Cursor.decode(cursor) if cursor else None,
+        flagged_only=flagged_only,
+        threshold_log_odds=float(np.log(threshold / (1.0 - threshold))),
+    )
+    if items:
+        index = ctx.indexes.get(fit_id, layout.store_dir(ctx.settings.data_dir, dataset_id), files.num_chunks())
+        for item in items:
+            neighbors = index.neighbors(item["sample_id"], ctx.settings.knn_k) if item["sample_id"] in index.row_of else []
+            item["disagreeing_neighbors"] = [n["sample_id"] for n in neighbors if n["label"] != item["label"]]
+    return schemas.LabelIssuePage(items=items, next_cursor=next_cursor, fit_id=fit_id, threshold=threshold)
 
 
 def summary(ctx: AppContext, tenant: str, dataset_id: str) -> schemas.Summary:

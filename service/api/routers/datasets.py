@@ -231,3 +231,20 @@ async def score_items(dataset_id: str, request: Request, ctx: Context, tenant: T
     await run_in_threadpool(scores.current_fit, ctx, tenant, dataset_id)
     form = await _receive(request, ctx, {"embeddings", "labels", "ids", "file"})
     return await run_in_threadpool(scores.score_new, ctx, tenant, dataset_id, form)
+
+
+@router.get(
+    "/{dataset_id}/label-issues",
+    response_model=schemas.LabelIssuePage,
+    responses={**ERRORS, 400: {"description": "malformed cursor"},
+               409: {"description": "not fitted yet, or the fit predates label issues"}},
+)
+def get_label_issues(
+    dataset_id: str,
+    ctx: Context,
+    tenant: Tenant,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=4096)] = None,
+    every: Annotated[bool, Query(alias="all", description="every sample, not only those flagged is_label_issue")] = False,
+) -> schemas.LabelIssuePage:
+    return scores.label_issue_report(ctx, tenant, dataset_id, limit=limit, cursor=cursor, flagged_only=not every)
