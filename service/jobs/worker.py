@@ -38,6 +38,7 @@ class Worker:
         self.db = db
         self.owner = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stop_event = threading.Event()
+        self._overdue: set[str] = set()  # jobs past DIFFICULTY_MAX_JOB_SECONDS (set by the heartbeat)
 
     def run_forever(self) -> None:
         while not self.stop_event.is_set():
@@ -80,7 +81,10 @@ class Worker:
                 raise JobFailed(f"unknown job kind {job.kind!r}")
             run_fit_job(job, ctx, self.settings, self.db)
         except JobStopped:
-            if ctx.cancel_requested and not ctx.lease_lost:
+            if job.id in self._overdue:
+                queue.finish(self.db, job.id, self.owner, JobState.FAILED, error=self._overdue_message(),
+                             progress=ctx.snapshot())
+            elif ctx.cancel_requested and not ctx.lease_lost:
                 queue.finish(self.db, job.id, self.owner, JobState.CANCELLED, error="cancelled by request",
                              progress=ctx.snapshot())
             log.info("job %s stopped (%s)", job.id, "cancelled" if ctx.cancel_requested else "lease lost")
@@ -99,7 +103,36 @@ class Worker:
         finally:
             finished.set()
             beat.join(timeout=5)
+            self._overdue.discard(job.id)
             self._remove_if_deleted(job.dataset_id)
+
+    def _overdue_message(self) -> str:
+        return (
+            f"the job ran longer than {self.settings.max_job_seconds:g} s (DIFFICULTY_MAX_JOB_SECONDS) and "
+            "was stopped; split the dataset or ask the operator to raise the limit"
+        )
+
+    def _stop_if_overdue(self, ctx: JobContext, started: float, now: float) -> bool:
+        """Past the maximum run time: ask the job to stop at its next check (it is then failed
+        with the reason). A job that still has not stopped a lease later is failed here and its
+        lease is no longer renewed, so nothing it writes afterwards can finish it. True when the
+        heartbeat should end."""
+        limit = self.settings.max_job_seconds
+        if limit <= 0 or now - started <= limit:
+            return False
+        if ctx.job_id not in self._overdue:
+            log.warning("job %s passed DIFFICULTY_MAX_JOB_SECONDS=%g: stopping it", ctx.job_id, limit)
+            self._overdue.add(ctx.job_id)
+            ctx.cancel_requested = True
+            return False
+        if now - started <= limit + self.settings.lease_seconds:
+            return False
+        log.error("job %s did not stop within a lease after its maximum run time: failing it", ctx.job_id)
+        ctx.lease_lost = True
+        queue.finish(self.db, ctx.job_id, self.owner, JobState.FAILED,
+                     error=self._overdue_message() + " (it did not stop when asked: its worker failed it)",
+                     progress=ctx.snapshot())
+        return True
 
     def _remove_if_deleted(self, dataset_id: str) -> None:
         # A dataset deleted while its job ran: the job may have written files after the API
@@ -117,8 +150,14 @@ class Worker:
         # request is seen by the job at its next chunk boundary.
         interval = min(1.0, self.settings.heartbeat_seconds)
         last_renew = 0.0
+        started = time.monotonic()
         while not finished.wait(interval):
             now = time.monotonic()
+            try:
+                if self._stop_if_overdue(ctx, started, now):
+                    return
+            except Exception:
+                log.exception("maximum run time check failed")
             if not ctx.changed.is_set() and now - last_renew < self.settings.heartbeat_seconds:
                 continue
             ctx.changed.clear()

@@ -1,0 +1,54 @@
+"""A job that runs too long, or is stuck, is stopped: its worker's heartbeat enforces
+DIFFICULTY_MAX_JOB_SECONDS (before, the heartbeat renewed the lease forever whether or not the
+job progressed). No timing is asserted: only the final state and the message.
+
+Cost: two in-process apps, ~3 s and ~4 s (the test-only chunk delay makes the jobs slow).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from conftest import blobs, make_settings, wait_for_job
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+
+
+def _slow_dataset(c: TestClient, n: int) -> str:
+    features, labels = blobs(n)
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    dataset_id = c.post("/v1/datasets", json={"name": "slow", "encoder": "feats"}).json()["id"]
+    response = c.post(f"/v1/datasets/{dataset_id}/embeddings",
+                      files={"embeddings": ("e.npy", buffer.getvalue()), "labels": ("l", "\n".join(map(str, labels)))})
+    assert response.status_code == 201, response.text
+    return dataset_id
+
+
+def test_job_past_its_maximum_run_time_is_stopped_and_failed(tmp_path):
+    # 40 chunks x 0.3 s without the limit; the limit is 1 s: stopped at a chunk boundary.
+    settings = make_settings(tmp_path / "data", max_job_seconds=1.0, chunk_rows=50, chunk_delay_seconds=0.3,
+                             heartbeat_seconds=0.2)
+    with TestClient(create_app(settings)) as c:
+        dataset_id = _slow_dataset(c, 2000)
+        job = wait_for_job(c, c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"], timeout=60)
+        assert job["state"] == "failed", job
+        assert "DIFFICULTY_MAX_JOB_SECONDS" in job["error"]
+        assert job["progress"]["done"] < 2000
+        assert c.get(f"/v1/datasets/{dataset_id}").json()["fit"] is None
+        # The dataset is not blocked: a new fit can be queued.
+        assert c.post(f"/v1/datasets/{dataset_id}/fit").status_code == 202
+
+
+def test_stuck_job_is_failed_by_the_heartbeat(tmp_path):
+    """A job stuck inside a step (here: a 6 s sleep before its first check) cannot see the stop
+    request; a lease after its maximum run time the heartbeat fails it itself."""
+    settings = make_settings(tmp_path / "data", max_job_seconds=0.5, lease_seconds=1.0, chunk_rows=50,
+                             chunk_delay_seconds=6.0, heartbeat_seconds=0.2)
+    with TestClient(create_app(settings)) as c:
+        dataset_id = _slow_dataset(c, 200)
+        job = wait_for_job(c, c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"], timeout=60)
+        # Failed by the heartbeat, not by the job reaching its check after the sleep.
+        assert job["state"] == "failed" and "did not stop when asked" in job["error"], job
