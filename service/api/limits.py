@@ -70,6 +70,10 @@ class RequestLimits:
             await _answer(send, 421, "keyless local mode answers only requests addressed to localhost "
                                      "(Host header); set DIFFICULTY_API_KEYS to serve other host names")
             return
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            # No ID, label or cursor of ours holds NUL, and PostgreSQL cannot even compare one.
+            await _answer(send, 400, "NUL in the request path or query")
+            return
         if keys and path.startswith("/v1/"):
             client = scope.get("client") or ("?", 0)
             try:

@@ -7,16 +7,25 @@ arrive, counts them against ``max_bytes`` and never holds a part in memory.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from service.errors import BadRequest, InvalidInput, ServiceError, TooLarge, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    InsufficientStorage,
+    InvalidInput,
+    ServiceError,
+    TooLarge,
+    UnsupportedMediaType,
+)
 from service.usecases.forms import Form
 
 MAX_TEXT_FIELD_BYTES = 64 * 1024
+MAX_BOUNDARY_BYTES = 200
 
 
 async def receive_form(
@@ -26,6 +35,10 @@ async def receive_form(
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise UnsupportedMediaType("send multipart/form-data (e.g. curl -F file=@data.zip)")
+    if len(params[b"boundary"]) > MAX_BOUNDARY_BYTES:
+        # RFC 2046 allows 70; the parser refuses more than 256 (a 500 and a spool folder left
+        # behind when it was first met inside the spool's setup).
+        raise BadRequest(f"multipart boundary is longer than {MAX_BOUNDARY_BYTES} bytes")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise TooLarge(f"upload of {declared} bytes exceeds the limit of {max_bytes} bytes (DIFFICULTY_MAX_UPLOAD_BYTES)")
@@ -81,8 +94,9 @@ async def receive_form(
                 raise InvalidInput(f"form field {state['name']!r} is not UTF-8") from None
         state["fh"], state["text"] = None, None
 
-    parser = MultipartParser(
-        params[b"boundary"],
+    try:
+        parser = MultipartParser(
+            params[b"boundary"],
         {
             "on_part_begin": on_part_begin,
             "on_header_field": on_header_field,
@@ -90,9 +104,12 @@ async def receive_form(
             "on_header_end": on_header_end,
             "on_headers_finished": on_headers_finished,
             "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
+                "on_part_end": on_part_end,
+            },
+        )
+    except Exception as exc:
+        form.discard()
+        raise BadRequest(f"malformed multipart header: {exc}") from None
     received = 0
     try:
         async for chunk in request.stream():
@@ -104,6 +121,12 @@ async def receive_form(
     except ServiceError:
         _close(state)
         form.discard()
+        raise
+    except OSError as exc:
+        _close(state)
+        form.discard()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage("the data directory is full: the upload was not stored") from None
         raise
     except Exception as exc:  # malformed multipart bodies raise several parser error types
         _close(state)

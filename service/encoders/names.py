@@ -59,6 +59,8 @@ def check_encoder_name(name: str) -> None:
     """Cheap validation (at dataset creation and upload); loading weights happens in the job."""
     if len(name) > MAX_NAME_LENGTH:
         raise EncoderError(f"encoder {_shown(name)} is longer than {MAX_NAME_LENGTH} characters")
+    if any(ord(c) < 32 for c in name):
+        raise EncoderError(f"encoder {_shown(name)} contains control characters (NUL, newlines, ...)")
     if name.startswith(OPEN_CLIP_PREFIX):
         parse_open_clip_name(name)
     elif not name or any(c.isspace() for c in name):

@@ -42,7 +42,27 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself survives a power loss only once its folder is synced
     return path
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` (a rename into it) durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file directly in ``directory`` and the folder itself (a spooled upload,
+    before it is renamed into place and recorded)."""
+    for entry in directory.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            with open(entry, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(directory)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from service import schemas
 from service.domain import ACTIVE_JOB_STATES
 from service.encoders.names import check_tenant_encoder
-from service.errors import NotFound
+from service.errors import InvalidInput, NotFound
 from service.jobs import queue
 from service.storage import layout
 from service.storage.database import Dataset, Fit, Job, Upload, new_id, utcnow
@@ -83,6 +83,8 @@ def allowed_encoders(ctx: AppContext) -> tuple[str, ...]:
 
 
 def create_dataset(ctx: AppContext, tenant: str, body: schemas.DatasetCreate) -> schemas.Created:
+    if any(ord(c) < 32 for c in body.name):
+        raise InvalidInput("the dataset name must not contain control characters (NUL, newlines, ...)")
     encoder = body.encoder or ctx.settings.default_encoder
     check_tenant_encoder(encoder, allowed_encoders(ctx))
     with ctx.db() as session:

@@ -7,6 +7,7 @@ upload is half there.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -18,19 +19,28 @@ from sqlalchemy.orm import Session
 from service import schemas
 from service.domain import UploadKind, UploadState
 from service.encoders.names import check_features_name, is_image_encoder
-from service.errors import Conflict, InvalidInput, TooLarge
+from service.errors import Conflict, InsufficientStorage, InvalidInput, TooLarge
 from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
 from service.ingest.safety import inspect_archive
 from service.settings import Settings
 from service.statistics.folds import N_FOLDS
 from service.storage import layout
 from service.storage.database import Dataset, Upload, new_id, utcnow
+from service.storage.files import fsync_dir, fsync_tree
 from service.storage.uploads import UploadFiles
 from service.usecases.context import AppContext
 from service.usecases.datasets import class_counts, owned
 from service.usecases.forms import Form
 
 PRECOMPUTED = "precomputed"  # the encoder name of embeddings uploaded without one
+
+
+def _storage_error(exc: OSError) -> Exception:
+    # A full disk (or quota) while the upload is stored is the server's condition, not a bug:
+    # 507, and nothing of the upload is kept (the spool is discarded, the commit not reached).
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("the data directory is full: the upload was not stored")
+    return exc
 
 
 def spool_dir(ctx: AppContext) -> Path:
@@ -95,7 +105,9 @@ def _commit(
     folder = layout.new_upload_folder(new_id())
     target = layout.upload_dir(ctx.settings.data_dir, dataset.id, folder)
     target.parent.mkdir(parents=True, exist_ok=True)
+    fsync_tree(form.directory)  # the files are on disk before they are recorded
     form.directory.rename(target)  # same file system (both under the data dir): atomic
+    fsync_dir(target.parent)
     try:
         upload = Upload(
             dataset_id=dataset.id,
@@ -149,6 +161,8 @@ def accept_archive(ctx: AppContext, tenant: str, dataset_id: str, form: Form) ->
             UploadFiles(form.directory).put_archive(form.files["file"], ids)
             classes = Counter(m.label for m in members)
             return _commit(ctx, session, dataset, form, UploadKind.ARCHIVE, len(members), classes)
+    except OSError as exc:
+        raise _storage_error(exc) from None
     finally:
         form.discard()
 
@@ -197,5 +211,7 @@ def accept_embeddings(ctx: AppContext, tenant: str, dataset_id: str, form: Form)
             form.drop("labels")
             form.drop("ids")
             return _commit(ctx, session, dataset, form, UploadKind.EMBEDDINGS, n, Counter(labels))
+    except OSError as exc:
+        raise _storage_error(exc) from None
     finally:
         form.discard()
