@@ -168,8 +168,8 @@ def _unpack_map(body: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     length = int(np.frombuffer(body[:4], "<u4")[0])
     header = json.loads(body[4 : 4 + length])
     n = header["count"]
-    arrays = np.frombuffer(body[4 + length :], "<u2").reshape(5, n)
-    return header, dict(zip(("x", "y", "rmd", "label", "predicted"), arrays, strict=True))
+    arrays = np.frombuffer(body[4 + length :], "<u2").reshape(len(header["arrays"]), n)
+    return header, dict(zip(header["arrays"], arrays, strict=True))
 
 
 def test_map_is_pca_of_the_features_in_score_order(app: dict) -> None:
@@ -177,12 +177,14 @@ def test_map_is_pca_of_the_features_in_score_order(app: dict) -> None:
     response = client.get(f"/v1/datasets/{emb}/map", headers=ALICE)
     assert response.status_code == 200
     header, arrays = _unpack_map(response.content)
-    assert header["count"] == 120 and len(response.content) < 4 + 512 + 120 * 10
+    assert header["count"] == 120 and len(response.content) < 4 + 512 + 120 * 2 * len(header["arrays"])
     assert client.get(f"/v1/datasets/{emb}/map", headers={**ALICE, "If-None-Match": response.headers["etag"]}).status_code == 304
     table = _scores(client, emb).sort_by([("rmd", "ascending"), ("sample_id", "ascending")])
     labels = np.asarray(header["labels"])
     assert labels[arrays["label"]].tolist() == table.column("label").to_pylist()
-    assert labels[arrays["predicted"]].tolist() == table.column("predicted_label").to_pylist()
+    assert labels[arrays["predicted_label"]].tolist() == table.column("predicted_label").to_pylist()
+    if "is_label_issue" in table.column_names:
+        assert arrays["is_label_issue"].astype(bool).tolist() == table.column("is_label_issue").to_pylist()
     lo, hi = header["rmd"]
     rmd = lo + arrays["rmd"] / 65535 * (hi - lo)
     np.testing.assert_allclose(rmd, table.column("rmd").to_numpy(), atol=(hi - lo) / 65535)

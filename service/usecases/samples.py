@@ -134,13 +134,14 @@ def _quantize(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
 
 
 def pack_map(fit_id: str, files: FitFiles, *, thumbnails: bool = False) -> bytes:
-    """The map in one compact body (10 bytes a point)::
+    """The map in one compact body (10 bytes a point, 12 with the label-issue flag)::
 
         uint32 little-endian L, then L bytes of JSON (padded with spaces to a multiple of 8):
           {"count": n, "labels": [...], "x": [lo, hi], "y": [lo, hi], "rmd": [lo, hi], "fit_id": ...,
-           "thumbnails": whether the samples have thumbnails}
-        then five little-endian uint16 arrays of n: x, y, rmd (each value = lo + q / 65535 * (hi - lo)),
-        label, predicted_label (indices into "labels").
+           "thumbnails": whether the samples have thumbnails, "arrays": the names below in order}
+        then one little-endian uint16 array of n per name in "arrays": x, y, rmd (each value =
+        lo + q / 65535 * (hi - lo)), label, predicted_label (indices into "labels"), and
+        is_label_issue (0/1) where the fit has the label-issue columns.
 
     Row i is row i of the score table sorted by (rmd, sample_id): fetch its sample ID and scores
     with GET .../map/rows?rows=i."""
@@ -150,22 +151,24 @@ def pack_map(fit_id: str, files: FitFiles, *, thumbnails: bool = False) -> bytes
     table = score_table(files.directory)
     labels = table.column("label").to_numpy(zero_copy_only=False).astype(str)
     predicted = table.column("predicted_label").to_numpy(zero_copy_only=False).astype(str)
-    classes, label_codes = np.unique(labels, return_inverse=True)
-    classes = np.union1d(classes, np.unique(predicted))
-    label_codes = np.searchsorted(classes, labels).astype("<u2")
-    predicted_codes = np.searchsorted(classes, predicted).astype("<u2")
+    classes = np.union1d(np.unique(labels), np.unique(predicted))
     x, x_range = _quantize(xy[:, 0])
     y, y_range = _quantize(xy[:, 1])
     rmd, rmd_range = _quantize(table.column("rmd").to_numpy())
+    arrays = {
+        "x": x, "y": y, "rmd": rmd,
+        "label": np.searchsorted(classes, labels).astype("<u2"),
+        "predicted_label": np.searchsorted(classes, predicted).astype("<u2"),
+    }
+    if "is_label_issue" in table.column_names:
+        flags = table.column("is_label_issue").to_numpy(zero_copy_only=False)
+        arrays["is_label_issue"] = np.asarray([bool(f) for f in flags], dtype="<u2")
     header = json.dumps(
         {"count": int(table.num_rows), "labels": classes.tolist(), "x": x_range, "y": y_range,
-         "rmd": rmd_range, "fit_id": fit_id, "thumbnails": thumbnails}
+         "rmd": rmd_range, "fit_id": fit_id, "thumbnails": thumbnails, "arrays": list(arrays)}
     ).encode()
     header += b" " * (-(len(header) + 4) % 8)
-    return b"".join(
-        [np.uint32(len(header)).astype("<u4").tobytes(), header]
-        + [a.tobytes() for a in (x, y, rmd, label_codes, predicted_codes)]
-    )
+    return b"".join([np.uint32(len(header)).astype("<u4").tobytes(), header] + [a.tobytes() for a in arrays.values()])
 
 
 _maps: OrderedDict[str, bytes] = OrderedDict()

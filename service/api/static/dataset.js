@@ -20,7 +20,8 @@ function decodeMap(buffer) {
   const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 4, length)));
   const n = header.count;
   const offset = 4 + length;
-  const column = (i) => new Uint16Array(buffer, offset + i * 2 * n, n);
+  const names = header.arrays || ["x", "y", "rmd", "label", "predicted_label"];
+  const column = (name) => new Uint16Array(buffer, offset + names.indexOf(name) * 2 * n, n);
   const scale = (q, [lo, hi]) => {
     const out = new Float32Array(q.length);
     const step = (hi - lo) / 65535;
@@ -29,8 +30,9 @@ function decodeMap(buffer) {
   };
   return {
     count: n, labels: header.labels, thumbnails: header.thumbnails,
-    x: scale(column(0), header.x), y: scale(column(1), header.y), rmd: scale(column(2), header.rmd),
-    label: column(3), predicted: column(4),
+    x: scale(column("x"), header.x), y: scale(column("y"), header.y), rmd: scale(column("rmd"), header.rmd),
+    label: column("label"), predicted: column("predicted_label"),
+    issue: names.includes("is_label_issue") ? column("is_label_issue") : null,
   };
 }
 
@@ -151,6 +153,9 @@ function mapGroups(mode) {
   const groups = [];
   if (mode === "label") {
     m.labels.forEach((name, code) => groups.push({ name, colour: PALETTE[code % PALETTE.length], test: (i) => m.label[i] === code }));
+  } else if (mode === "issue" && m.issue) {
+    groups.push({ name: "not flagged", colour: "#b8c2d0", test: (i) => m.issue[i] === 0 });
+    groups.push({ name: "suspected mislabel", colour: "#d62728", test: (i) => m.issue[i] === 1 });
   } else if (mode === "mislabel") {
     groups.push({ name: "predicted = label", colour: "#b8c2d0", test: (i) => m.label[i] === m.predicted[i] });
     groups.push({ name: "predicted differs", colour: "#d62728", test: (i) => m.label[i] !== m.predicted[i] });
@@ -330,6 +335,9 @@ async function main() {
     const [mapResponse] = await Promise.all([api(`/v1/datasets/${datasetId}/map`), drawSummary()]);
     state.map = decodeMap(await mapResponse.arrayBuffer());
     state.thumbnails = state.map.thumbnails;
+    if (state.map.issue) {
+      document.getElementById("colour").append(el("option", { value: "issue" }, "suspected mislabel (label-issue model)"));
+    }
     if (!state.thumbnails) {
       document.getElementById("no-images").hidden = false;
     }
