@@ -211,3 +211,20 @@ def test_non_utf8_member_name_cannot_break_the_dataset(api_client):
     assert response.status_code == 422 and "UTF-8" in response.json()["detail"], response.text
     assert api_client.get("/v1/datasets").status_code == 200
     assert api_client.get(f"/v1/datasets/{dataset_id}").status_code == 200
+
+
+def test_a_chunk_is_bounded_by_bytes_as_well_as_rows(tmp_path):
+    """1024 rows x 64 MiB members could be gathered before decoding: a chunk now also ends at
+    MAX_CHUNK_BYTES of encoded bytes (256 MiB: 8 members of 32 MiB per chunk)."""
+    from service.ingest.sample import MAX_ITEM_BYTES, Sample
+    from service.pipeline.embedding import MAX_CHUNK_BYTES, EmbedReport, chunks_to_embed
+    from service.storage.embeddings import EmbeddingStore
+
+    assert MAX_ITEM_BYTES <= 32 * 1024 * 1024
+    member = bytes(MAX_ITEM_BYTES)  # one shared buffer: the test itself stays small
+    samples = [Sample(f"cat/{i}.jpg", "cat", data=member) for i in range(24)]
+    chunks = [len(rows) for rows, _ in chunks_to_embed(samples, EmbeddingStore(tmp_path / "store"), 1024,
+                                                      EmbedReport(), lambda n: None)]
+    assert sum(chunks) == 24
+    per_chunk = -(-MAX_CHUNK_BYTES // MAX_ITEM_BYTES)
+    assert chunks == [per_chunk] * (24 // per_chunk) + ([24 % per_chunk] if 24 % per_chunk else [])

@@ -10,8 +10,9 @@ from pathlib import Path
 from service.errors import InvalidInput
 
 # An item larger than this is refused by the readers before it is read (a zip bomb member, a
-# video in an image folder). 64 MiB holds any sane single image.
-MAX_ITEM_BYTES = 64 * 1024 * 1024
+# video in an image folder). 32 MiB holds a 50-megapixel JPEG or a lossless 12-megapixel PNG;
+# with the chunk byte bound (pipeline.embedding.MAX_CHUNK_BYTES) it bounds a chunk's memory.
+MAX_ITEM_BYTES = 32 * 1024 * 1024
 
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "jfif"}

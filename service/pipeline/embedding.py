@@ -423,6 +423,10 @@ class SettledCounter:
             self.progress(self.done, self.total)
 
 
+# Encoded bytes gathered per chunk before it is decoded and embedded (memory per chunk in flight).
+MAX_CHUNK_BYTES = 256 * 1024 * 1024
+
+
 def chunks_to_embed(
     samples: Iterable[Sample],
     store: EmbeddingStore,
@@ -431,11 +435,13 @@ def chunks_to_embed(
     tick: Tick,
 ) -> Iterator[tuple[list[Sample], list[tuple[str, str]]]]:
     """Group the samples not yet in the store (embedded or listed as failed before) into chunks
-    of ``chunk_size``, each with the duplicates found while filling it."""
+    of ``chunk_size``, each with the duplicates found while filling it. A chunk also ends once
+    its samples hold MAX_CHUNK_BYTES of encoded bytes (rows alone allowed 1024 x 64 MiB)."""
     known = set(store.sample_ids().tolist())
     known.update(sample_id for sample_id, _ in store.failures())
     seen: set[str] = set()
     pending: list[Sample] = []
+    pending_bytes = 0
     early_failures: list[tuple[str, str]] = []
     for sample in samples:
         if sample.sample_id in known:
@@ -448,9 +454,10 @@ def chunks_to_embed(
             continue
         seen.add(sample.sample_id)
         pending.append(sample)
-        if len(pending) >= chunk_size:
+        pending_bytes += len(sample.data) if sample.data is not None else 0
+        if len(pending) >= chunk_size or pending_bytes >= MAX_CHUNK_BYTES:
             yield pending, early_failures
-            pending, early_failures = [], []
+            pending, early_failures, pending_bytes = [], [], 0
     if pending or early_failures:
         yield pending, early_failures
 
