@@ -73,7 +73,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             response = client.post(f"/v1/datasets/{dataset}/items", files={"file": ("fmnist.zip", _zip(images))})
             assert response.status_code == 201, response.text
             job = client.post(f"/v1/datasets/{dataset}/fit", json={}).json()["job_id"]
-            assert wait_for_job(client, job, timeout=300)["state"] == "succeeded"
+            assert wait_for_job(client, job, timeout=1200)["state"] == "succeeded"
             scores = client.get(f"/v1/datasets/{dataset}/scores", params={"limit": 1000}).json()["items"]
             yield {"base": base, "dataset": dataset, "scores": scores, "archive": root / "upload.zip", "client": client}
 
@@ -264,7 +264,7 @@ def test_upload_and_fit_from_the_browser(page: Page, server: dict, tmp_path: Pat
     page.fill("#new-name", "uploaded from the browser")
     page.set_input_files("#archive", str(server["archive"]))
     page.click("#upload-fit")
-    page.wait_for_selector("#open-dataset", timeout=300_000)
+    page.wait_for_selector("#open-dataset", timeout=1_200_000)
     assert "succeeded" in page.inner_text("#upload-status")
     page.click("#open-dataset")
     page.wait_for_selector("body[data-ready=true]")
