@@ -34,6 +34,7 @@ class JobStage(StrEnum):
     SCORING = "scoring"
     NEIGHBORS = "neighbors"
     LABEL_ISSUES = "label_issues"
+    MAP = "map"
     PUBLISHING = "publishing"
     DONE = "done"
 

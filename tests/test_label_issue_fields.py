@@ -135,3 +135,16 @@ def test_label_issues_before_a_fit_is_409(api_client):
     dataset_id = api_client.post("/v1/datasets", json={"name": "empty", "encoder": "feats"}).json()["id"]
     assert api_client.get(f"/v1/datasets/{dataset_id}/label-issues").status_code == 409
     assert api_client.get("/v1/datasets/nope/label-issues").status_code == 404
+
+
+def test_noise_model_on_a_sample_of_rows_agrees_with_all_rows(noisy):
+    """Large fits fit the noise model (T, M) on evenly spaced rows: the fields barely move."""
+    _, x, given, _, ids, flipped = noisy
+    z = normalize_features(x.astype(np.float64))
+    stats = SufficientStatistics(dim=D, normalized=True).update(z, given.tolist(), ids)
+    folds = assign_folds(ids, stats.n_folds)
+    args = (stats, z.astype(np.float32), given.tolist(), folds, 1e-3)
+    full = find_label_issues(*args, kind="full", refits=1, noise_sample=None).issues
+    sampled = find_label_issues(*args, kind="full", refits=1, noise_sample=300).issues
+    assert np.corrcoef(full.log_odds, sampled.log_odds)[0, 1] > 0.99
+    assert np.mean(full.is_issue == sampled.is_issue) > 0.97

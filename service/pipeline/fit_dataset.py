@@ -142,7 +142,9 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
         scores = scores.append_column(name, values)
     stages.progress(scores.num_rows)
     stages.check()
-    return FitOutcome(model, scores, knn_k, num_chunks, pca_map(model, store, num_chunks), issues.log_odds)
+    stages.set_stage(JobStage.MAP, scores.num_rows)
+    xy = pca_map(model, store, num_chunks)
+    return FitOutcome(model, scores, knn_k, num_chunks, xy, issues.log_odds)
 
 
 @dataclass(frozen=True)

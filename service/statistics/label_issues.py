@@ -61,6 +61,8 @@ LOG_TEMPERATURE_BOUNDS = (np.log(1e-2), np.log(1e5))
 # Pseudo-count added to every cell of the transition counts in the M-step: keeps rows of rare
 # classes away from exact zeros (a zero would make some relabelling impossible).
 TRANSITION_PSEUDO_COUNT = 0.1
+# Rows the noise model is fitted on, at most (find_label_issues).
+NOISE_SAMPLE_ROWS = 20_000
 NoiseKind = Literal["full", "uniform", "none"]
 
 
@@ -421,6 +423,7 @@ def find_label_issues(
     fold_models: Sequence[FoldGaussian] | None = None,
     calibration: tuple[float, float] | None = DEFAULT_CALIBRATION,
     out_of_fold: OutOfFold | None = None,
+    noise_sample: int | None = NOISE_SAMPLE_ROWS,
 ) -> LabelIssueFit:
     """The whole estimator on arrays: out-of-fold distances at ``shrinkage``, the noise model
     fitted on them, and the per-sample fields.
@@ -439,21 +442,32 @@ def find_label_issues(
     calibration : see :func:`label_issues`.
     out_of_fold : ``out_of_fold_distances(stats, features, folds, shrinkage)`` if already
         computed.
+    noise_sample : the noise model (T and M: K^2 + 1 numbers) is fitted on at most this many
+        samples, evenly spaced in row order, then applied to all; its iterative fit is
+        O(rounds x N x K) and dominated the fit job at N = 100,000 (None: every sample).
     """
     oof = out_of_fold
     if oof is None:
         oof = out_of_fold_distances(stats, features, folds, shrinkage, fold_models)
     index = {c: i for i, c in enumerate(oof.classes)}
     y = np.fromiter((index[str(c)] for c in labels), dtype=np.int64, count=len(labels))
-    noise = fit_label_noise(oof.distances, oof.log_prior, y, kind)
+    rows = noise_rows(y.shape[0], noise_sample)
+    noise = fit_label_noise(oof.distances[rows], oof.log_prior[rows], y[rows], kind)
     for _ in range(refits):
         # Soft labels from the model's own posterior (uncalibrated: the EM's E-step).
         soft = label_issues(oof.distances, oof.log_prior, y, noise, threshold, None)
         models = soft_fold_gaussians(stats, features, folds, soft.true_class_posterior)
         oof = out_of_fold_distances(stats, features, folds, shrinkage, models)
-        noise = fit_label_noise(oof.distances, oof.log_prior, y, kind)
+        noise = fit_label_noise(oof.distances[rows], oof.log_prior[rows], y[rows], kind)
     issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold, calibration)
     return LabelIssueFit(issues, noise, oof, float(shrinkage))
+
+
+def noise_rows(n: int, sample: int | None) -> np.ndarray | slice:
+    """Evenly spaced rows, at most ``sample`` of ``n`` (all rows when ``sample`` is None)."""
+    if sample is None or n <= sample:
+        return slice(None)
+    return np.unique(np.linspace(0, n - 1, sample).astype(np.int64))
 
 
 def _uniform_transition(k: int, eps: float) -> np.ndarray:
