@@ -260,7 +260,7 @@ def wrong_label_log_odds(log_probabilities: np.ndarray, labels: np.ndarray) -> n
     rows = np.arange(y.shape[0])
     others = lp.copy()
     others[rows, y] = -np.inf
-    return np.logaddexp.reduce(others, axis=1) - lp[rows, y]
+    return logsumexp(others, axis=1) - lp[rows, y]
 
 
 @dataclass(frozen=True)
@@ -490,8 +490,10 @@ def _m_step(log_p: np.ndarray, transition: np.ndarray, y: np.ndarray, kind: Nois
     if kind == "uniform":
         eps = float(np.clip(1.0 - r[np.arange(y.shape[0]), y].mean(), 1e-6, 1.0 - 1e-6))
         return _uniform_transition(k, eps)
-    counts = np.full((k, k), TRANSITION_PSEUDO_COUNT)
-    np.add.at(counts.T, y, r)  # counts[:, g_i] += r_i
+    # counts[c, g] = sum over samples given g of r_i(c): K bincounts, O(N K) (np.add.at is
+    # an unbuffered loop, and a one-hot GEMM would need N x K memory for the one-hot).
+    counts = np.stack([np.bincount(y, weights=r[:, c], minlength=k) for c in range(k)])
+    counts += TRANSITION_PSEUDO_COUNT
     return counts / counts.sum(axis=1, keepdims=True)
 
 
@@ -499,7 +501,7 @@ def _log_posterior_rows(distances: np.ndarray, log_prior: np.ndarray, temperatur
     if log_prior.ndim == 1:
         return log_posterior(distances, log_prior, temperature)
     logits = distances * (-0.5 / temperature) + log_prior
-    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    return logits - logsumexp(logits, axis=1, keepdims=True)
 
 
 def _validated(distances, log_prior, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
