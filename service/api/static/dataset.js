@@ -186,7 +186,9 @@ function drawMap() {
     rows.forEach((r, j) => { data[2 * j] = m.x[r]; data[2 * j + 1] = m.y[r]; });
     return {
       type: "scatter", name: groups[g].name, data, dimensions: ["x", "y"], symbolSize: big ? 2 : 6,
-      large: true, largeThreshold: 2000, progressive: 0, animation: false,
+      // Big maps draw progressively (chunks of points per frame): pan and zoom never stall the
+      // page for the whole redraw.
+      large: true, largeThreshold: 2000, progressive: big ? 100000 : 0, progressiveThreshold: 200000, animation: false,
       itemStyle: { color: groups[g].colour, opacity: big ? 0.5 : 0.85 },
     };
   });
