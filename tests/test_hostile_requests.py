@@ -160,3 +160,68 @@ def test_small_json_bodies_and_uploads_still_pass(api_client):
                              files={"embeddings": ("e.npy", buffer.getvalue()), "labels": ("l", labels)})
     assert upload.status_code == 201, upload.text
 
+
+
+SLOW_ENV = {"DIFFICULTY_BODY_IDLE_SECONDS": "1", "DIFFICULTY_MAX_UPLOADS_PER_TENANT": "2"}
+SLOW_KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789abc"}
+
+
+def _stalled_upload(url: str, dataset_id: str, key: str) -> socket.socket:
+    """An upload that declares 1 MB, sends 100 bytes of it and then nothing (slow loris)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (f"POST /v1/datasets/{dataset_id}/embeddings HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+            "Content-Length: 1000000\r\n\r\n")
+    sock.sendall(head.encode() + b"--zz\r\nContent-Disposition: form-data; name=\"embeddings\"\r\n\r\n" + b"x" * 40)
+    return sock
+
+
+def _answer_of(sock: socket.socket) -> int:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sock.close()
+    return int(data.split(b" ", 2)[1]) if data else 0
+
+
+def test_slow_uploads_are_cut_off_and_capped_per_tenant(tmp_path):
+    data_dir = tmp_path / "data"
+    with running_server(data_dir, api_keys=SLOW_KEYS, with_worker=False, env=SLOW_ENV) as url:
+        alice = {"Authorization": f"Bearer {SLOW_KEYS['alice']}"}
+        bob = {"Authorization": f"Bearer {SLOW_KEYS['bob']}"}
+        dataset_id = httpx.post(url + "/v1/datasets", json={"name": "a", "encoder": "feats"}, headers=alice).json()["id"]
+        bobs = httpx.post(url + "/v1/datasets", json={"name": "b", "encoder": "feats"}, headers=bob).json()["id"]
+        stalled = [_stalled_upload(url, dataset_id, SLOW_KEYS["alice"]) for _ in range(2)]
+        # Both are in flight (the server answered neither yet): alice's third upload is refused...
+        third = None
+        for _ in range(50):
+            third = httpx.post(f"{url}/v1/datasets/{dataset_id}/embeddings", headers=alice, files={"labels": ("l", b"a")})
+            if third.status_code == 503:
+                break
+        assert third is not None and third.status_code == 503, third.text
+        assert third.headers["retry-after"] == "5" and "DIFFICULTY_MAX_UPLOADS_PER_TENANT" in third.json()["detail"]
+        # ...bob's is not (his own uploads are not in flight).
+        other = httpx.post(f"{url}/v1/datasets/{bobs}/embeddings", headers=bob, files={"labels": ("l", b"a")})
+        assert other.status_code == 422, other.text
+        # The stalled ones are cut off after DIFFICULTY_BODY_IDLE_SECONDS of silence, spools removed.
+        assert [_answer_of(s) for s in stalled] == [408, 408]
+        assert list((data_dir / "tmp").glob("upload-*")) == []
+        after = httpx.post(f"{url}/v1/datasets/{dataset_id}/embeddings", headers=alice, files={"labels": ("l", b"a")})
+        assert after.status_code == 422, after.text
+        # A stalled JSON body too.
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(f"POST /v1/datasets HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {SLOW_KEYS['alice']}"
+                     "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"na".encode())
+        assert _answer_of(sock) == 408
+
+
+def test_metrics_need_a_key_when_keys_are_set(keyed):
+    url, _ = keyed
+    assert httpx.get(url + "/metrics").status_code == 401
+    assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEYS['alice']}"}).status_code == 200
+    assert httpx.get(url + "/healthz").status_code == 200  # probes stay open

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.api.limits import RequestTimeout
 from service.errors import (
     BadRequest,
     Conflict,
@@ -34,6 +35,7 @@ STATUS: dict[type[ServiceError], int] = {
     UnsupportedMediaType: 415,
     InvalidInput: 422,
     InsufficientStorage: 507,
+    RequestTimeout: 408,
 }
 HEADERS: dict[type[ServiceError], dict[str, str]] = {Unauthorized: {"WWW-Authenticate": "Bearer"}}
 MAX_DETAIL = 2000  # characters: a message never echoes a whole hostile input
@@ -75,7 +77,9 @@ STATUS_TEXT = {
     413: "over a configured limit", 415: "unsupported media type",
     421: "keyless local mode: the Host header must name localhost",
     422: "invalid input (a message) or a request that does not match its schema (a list)",
+    503: "too many uploads in flight: retry after the Retry-After seconds",
     507: "the data directory is full",
+    408: "the request body stalled (DIFFICULTY_BODY_IDLE_SECONDS)",
 }
 
 
@@ -113,14 +117,14 @@ def _document_errors(app: FastAPI) -> None:
         for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
-                common = [400, 413, 421, 422] + ([401] if path.startswith("/v1/") else [])
+                common = [400, 408, 413, 421, 422] + ([401] if path.startswith("/v1/") or path == "/metrics" else [])
                 body = (operation.get("requestBody") or {}).get("content", {})
                 if "multipart/form-data" in body:
-                    common += [415, 507]
+                    common += [415, 503, 507]
                 for status in common:
                     responses.setdefault(str(status), {"description": STATUS_TEXT[status]})
                 for status, response in responses.items():
-                    if status[0] in "45" and status != "503":
+                    if status[0] in "45" and (path, status) != ("/readyz", "503"):  # that one is a Health
                         response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
                         if status == "400":  # the HTTP server's own answer to an unparseable request
                             response["content"]["text/plain"] = {"schema": {"type": "string"}}

@@ -15,10 +15,15 @@ For every HTTP request, in this order:
    ``max_request_bytes`` of it (DIFFICULTY_MAX_REQUEST_BYTES): a larger declared
    ``Content-Length`` is refused at once, a chunked body as soon as it passes the limit, and the
    route gets the buffered body replayed. Memory per request is bounded by the limit.
+4. Slow clients: a body that sends nothing for DIFFICULTY_BODY_IDLE_SECONDS is refused (408;
+   an upload's spool is removed). Uploads in flight are capped per process and per tenant
+   (503 with Retry-After), so one tenant cannot hold every connection and spool.
+5. ``/metrics`` needs a key too when keys are set, unless DIFFICULTY_METRICS_PUBLIC=1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -26,8 +31,8 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.auth import tenant_for
-from service.errors import Unauthorized
-from service.settings import Settings
+from service.errors import BadRequest, Unauthorized
+from service.settings import ANONYMOUS_TENANT, Settings
 
 # POST routes whose multipart bodies api.multipart streams to disk under the upload limit.
 UPLOAD_ROUTES = re.compile(r"^/v1/datasets/[^/]+/(items|embeddings|score)$")
@@ -58,6 +63,7 @@ class RequestLimits:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
+        self._uploads: dict[str, int] = {}  # uploads in flight per tenant
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,15 +80,17 @@ class RequestLimits:
             # No ID, label or cursor of ours holds NUL, and PostgreSQL cannot even compare one.
             await _answer(send, 400, "NUL in the request path or query")
             return
-        if keys and path.startswith("/v1/"):
+        tenant = ANONYMOUS_TENANT
+        if keys and (path.startswith("/v1/") or (path == "/metrics" and not self.settings.metrics_public)):
             client = scope.get("client") or ("?", 0)
             try:
-                tenant_for(keys, headers.get("authorization", ""), client=str(client[0]))
+                tenant = tenant_for(keys, headers.get("authorization", ""), client=str(client[0]))
             except Unauthorized as exc:
                 await _answer(send, 401, str(exc), {"www-authenticate": "Bearer"})
                 return
+        idle = self.settings.body_idle_seconds
         if scope.get("method") == "POST" and UPLOAD_ROUTES.match(path):
-            await self.app(scope, receive, send)
+            await self._upload(scope, _idle_bounded(receive, idle), send, tenant)
             return
         limit = self.settings.max_request_bytes
         declared = headers.get("content-length", "")
@@ -90,8 +98,13 @@ class RequestLimits:
             await _answer(send, 413, _too_large(limit))
             return
         body = bytearray()
+        bounded = _idle_bounded(receive, idle)
         while True:
-            message = await receive()
+            try:
+                message = await bounded()
+            except RequestTimeout as exc:
+                await _answer(send, 408, str(exc))
+                return
             if message["type"] == "http.disconnect":
                 return  # the client left: nothing to answer
             body += message.get("body", b"")
@@ -101,6 +114,42 @@ class RequestLimits:
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(bytes(body), receive), send)
+
+    async def _upload(self, scope: Scope, receive: Receive, send: Send, tenant: str) -> None:
+        """An upload holds a spool file and a connection for as long as it streams: at most
+        DIFFICULTY_MAX_CONCURRENT_UPLOADS at once per process, DIFFICULTY_MAX_UPLOADS_PER_TENANT
+        of them one tenant's (one event loop per process: plain counters suffice)."""
+        total, mine = sum(self._uploads.values()), self._uploads.get(tenant, 0)
+        if total >= self.settings.max_concurrent_uploads or mine >= self.settings.max_uploads_per_tenant:
+            which = ("DIFFICULTY_MAX_UPLOADS_PER_TENANT" if mine >= self.settings.max_uploads_per_tenant
+                     else "DIFFICULTY_MAX_CONCURRENT_UPLOADS")
+            await _answer(send, 503, f"too many uploads in flight ({which}); retry shortly", {"retry-after": "5"})
+            return
+        self._uploads[tenant] = mine + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._uploads[tenant] -= 1
+            if not self._uploads[tenant]:
+                del self._uploads[tenant]
+
+
+class RequestTimeout(BadRequest):
+    """The client sent no body bytes for DIFFICULTY_BODY_IDLE_SECONDS (408)."""
+
+
+def _idle_bounded(receive: Receive, idle: float) -> Receive:
+    # A client that stops sending (slow upload, slow loris) is cut off after ``idle`` seconds of
+    # silence instead of holding its spool file and connection forever.
+    async def bounded() -> Message:
+        try:
+            return await asyncio.wait_for(receive(), timeout=idle) if idle > 0 else await receive()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body sent nothing for {idle:g} s (DIFFICULTY_BODY_IDLE_SECONDS)"
+            ) from None
+
+    return bounded
 
 
 def _on_loopback(scope: Scope) -> bool:
