@@ -3,7 +3,7 @@
 A step = forward + loss + backward + optimiser step on one batch. CE and difficulty-aware steps
 alternate (two identical models, same batches) so drift on a shared machine hits both equally;
 the table shows medians, their ratio, and the median of the paired per-step ratios. The budget: difficulty-aware <= 1.05 x CE. The weights
-come from the default mapping (rank); any mapping gives the same step, since the weights are a
+come from the default mapping; any mapping gives the same step, since the weights are a
 table computed once before training and a step only gathers from it.
 
     python benchmarks/bench_trainer_step.py                       # CPU: small CNN + ResNet-18

@@ -429,6 +429,7 @@ def select(runs: list[dict[str, Any]], criterion: str = "nll") -> dict[str, Any]
         default_alpha = min(alphas, key=alphas.get)
     return {
         "criterion": criterion,
+        "regimes": list(grouped),
         "per_regime": per_regime,
         "mapping_regret": [
             {"mapping": m, "temperature": t, "mean_regret": r} for (m, t), r in sorted(mean_regret.items(), key=lambda kv: kv[1])
@@ -508,37 +509,65 @@ def run_select(args: argparse.Namespace, pools: Pools, regimes: dict[str, Regime
     return runs
 
 
+BASELINE_ROLES = ("ce", "ls", "focal", "er")
+
+
+def _train_roles(
+    pools: Pools, data: RegimeData, regime: Regime, name: str, seed: int, roles: list[dict]
+) -> list[dict]:
+    # One model per distinct configuration; roles that chose the same one share it.
+    unique = list({config_key(c): {"method": c["method"], "params": c["params"]} for c in roles}.values())
+    trained = train_group(pools, data, regime, unique, seed, evaluate_test=True)
+    by_key = {config_key(r): r for r in trained}
+    rows = [{**by_key[config_key(c)], "role": c["role"]} for c in roles]
+    for r in rows:
+        r.update(regime=name, stage="final", fit=data.fit_info)
+    print(f"[final {name} seed {seed}] {len(unique)} models for {len(roles)} rows in "
+          f"{trained[0]['seconds_group']:.0f}s", flush=True)  # fmt: skip
+    return rows
+
+
 def run_final(
     args: argparse.Namespace, pools: Pools, regimes: dict[str, Regime],
-    select_runs: list[dict], selection: dict[str, Any],
+    select_runs: list[dict], selection: dict[str, Any], baselines_only: bool = False,
 ) -> list[dict]:  # fmt: skip
+    """Two cached parts per (regime, seed): the baselines (their choices depend on that regime's
+    validation runs only, so they can start before every regime is selected) and the
+    difficulty-aware rows with matched ER. Same seed = same initialisation and batch order, so
+    training them apart gives the models one group would."""
     runs = []
+    work = Path(args.work_dir)
     for name, regime in regimes.items():
-        base = final_configs(select_runs, selection, name)
+        if baselines_only:
+            chosen = select([r for r in select_runs if r["regime"] == name])["per_regime"][name]
+            base = [{"method": "ce", "params": {}, "role": "ce"}] + [
+                {**chosen[f]["val_noisy"], "role": f} for f in BASELINE_ROLES[1:] if f in chosen
+            ]
+        else:
+            base = final_configs(select_runs, selection, name)
         for seed in args.final_seeds:
+            roles = [{"method": c["method"], "params": c["params"], "role": c["role"]} for c in base]
+            first = [c for c in roles if c["role"] in BASELINE_ROLES]
+            rest = [c for c in roles if c["role"] not in BASELINE_ROLES]
 
-            def train(
-                name: str = name, regime: Regime = regime, seed: int = seed, base: list = base
-            ) -> list[dict]:
-                data = regime_data(pools, name, regime, FINAL_NOISE, Path(args.work_dir))
-                roles = [{"method": c["method"], "params": c["params"], "role": c["role"]} for c in base]
-                da = next(c for c in base if c["role"] == "difficulty-default")
+            def train_first(name=name, regime=regime, seed=seed, first=first) -> list[dict]:
+                data = regime_data(pools, name, regime, FINAL_NOISE, work)
+                return _train_roles(pools, data, regime, name, seed, first)
+
+            part = _cached_group(work / "final" / f"{name}-{seed}-baselines.json", train_first)
+            if baselines_only:
+                runs += part
+                continue
+
+            def train_rest(name=name, regime=regime, seed=seed, rest=rest) -> list[dict]:
+                data = regime_data(pools, name, regime, FINAL_NOISE, work)
+                da = next(c for c in rest if c["role"] == "difficulty-default")
                 _, info = make_loss(da, data.rmd)
-                roles.append({"method": "er", "params": {"beta": info["matched_beta"], "matched": True},
-                              "role": "er-matched"})  # fmt: skip
-                # One model per distinct configuration; roles that chose the same one share it.
-                unique = list({config_key(c): {"method": c["method"], "params": c["params"]}
-                               for c in roles}.values())  # fmt: skip
-                trained = train_group(pools, data, regime, unique, seed, evaluate_test=True)
-                by_key = {config_key(r): r for r in trained}
-                rows = [{**by_key[config_key(c)], "role": c["role"]} for c in roles]
-                for r in rows:
-                    r.update(regime=name, stage="final", fit=data.fit_info)
-                print(f"[final {name} seed {seed}] {len(unique)} models for {len(roles)} rows in "
-                      f"{trained[0]['seconds_group']:.0f}s", flush=True)  # fmt: skip
-                return rows
+                matched = {"method": "er", "params": {"beta": info["matched_beta"], "matched": True},
+                           "role": "er-matched"}  # fmt: skip
+                return _train_roles(pools, data, regime, name, seed, [*rest, matched])
 
-            runs += _cached_group(Path(args.work_dir) / "final" / f"{name}-{seed}.json", train)
+            runs += part + _cached_group(work / "final" / f"{name}-{seed}-difficulty.json", train_rest)
     return runs
 
 
@@ -570,7 +599,8 @@ def markdown(select_runs: list[dict], selection: dict[str, Any], final_runs: lis
              f"{selection['criterion']}.", ""]  # fmt: skip
     d = selection["default"]
     if d:
-        lines += [f"Default chosen on validation: mapping `{d['mapping']}`, T = {d['temperature']}, alpha = {d['alpha']}.", "",
+        lines += [f"Default chosen on validation over the regimes {', '.join(selection.get('regimes', []))}: "
+                  f"mapping `{d['mapping']}`, T = {d['temperature']}, alpha = {d['alpha']}.", "",
                   "| mapping | T | mean validation-NLL regret over regimes |", "|---|---|---|"]  # fmt: skip
         lines += [f"| {r['mapping']} | {r['temperature']} | {r['mean_regret']:.4f} |" for r in selection["mapping_regret"]]
         lines.append("")
@@ -624,7 +654,8 @@ def markdown(select_runs: list[dict], selection: dict[str, Any], final_runs: lis
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("select", "final", "all"))
+    parser.add_argument("stage", choices=("select", "final", "all", "final-baselines"),
+                        help="final-baselines: the baselines' final runs for regimes already selected")  # fmt: skip
     parser.add_argument("--features", required=True, help="npz: features, labels, indices")
     parser.add_argument("--work-dir", required=True, help="fit cache and the select stage's runs")
     parser.add_argument("--out", required=True, help="output stem: OUT.json, OUT.md")
@@ -635,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-subset", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="seconds-sized: 2 tiny regimes, 2 epochs")
+    parser.add_argument("--write-selection", action="store_true",
+                        help="select: write the selection from --regimes even if not all of them")  # fmt: skip
     args = parser.parse_args(argv)  # fmt: skip
     torch.set_num_threads(args.threads)
     table = SMOKE_REGIMES if args.smoke else REGIMES
@@ -647,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("select", "all"):
         select_runs = run_select(args, pools, regimes)
         selection = select(select_runs)
-        if args.regimes and set(args.regimes) != set(table):
+        if args.regimes and set(args.regimes) != set(table) and not args.write_selection:
             print("a subset of the regimes: runs cached, no selection written", flush=True)
             return 0
         select_path.write_text(json.dumps({"runs": select_runs, "selection": selection}, default=float))
@@ -655,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(selection["mapping_regret"]), flush=True)
         if args.stage == "select":
             return 0
+    if args.stage == "final-baselines":
+        run_final(args, pools, regimes, run_select(args, pools, regimes), {}, baselines_only=True)
+        return 0
     saved = json.loads(select_path.read_text())
     select_runs, selection = saved["runs"], saved["selection"]
     final_runs = run_final(args, pools, regimes, select_runs, selection)

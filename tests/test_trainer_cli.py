@@ -49,13 +49,13 @@ def test_offline_scores_and_missing_policy(folders, capsys):
     )
     assert "2 of 16 samples have no difficulty score" in capsys.readouterr().err
     code = run(folders, "--loss", "difficulty", "--scores-file", str(folders / "partial.parquet"),
-               "--missing-scores", "zero-weight", "--alpha", "0.3", "-T", "2")  # fmt: skip
+               "--missing-scores", "zero-weight", "--alpha", "0.3", "--mapping", "rank", "-T", "2")  # fmt: skip
     assert code == 0
     report = json.loads((folders / "out" / "report.json").read_text())
     assert report["scores"]["missing"] == 2 and report["scores"]["temperature"] == 2.0
     assert report["metrics"]["ood_auroc"] is not None
-    # The default mapping, its resolved parameters, and the mean weight over the 16 samples
-    # trained on (14 rank weights, 2 zero-weight ones), with the matching constant-ER beta.
+    # The mapping, its resolved parameters, and the mean weight over the 16 samples trained on
+    # (14 rank weights, 2 zero-weight ones), with the matching constant-ER beta.
     s = report["scores"]
     assert s["mapping"] == "rank" and s["mapping_params"] == {"temperature": 2.0}
     ranks = np.arange(1, 15) / 14  # the 14 scores 0..13 are distinct
@@ -88,6 +88,9 @@ def test_compare_ce_side_by_side(folders, capsys):
     assert run(folders, "--loss", "difficulty", "--scores-file", str(folders / "s.parquet"),
                "--mapping", "rank", "--quantile-low", "0.1") == 2  # fmt: skip
     assert "takes temperature" in capsys.readouterr().err
+    assert run(folders, "--loss", "difficulty", "--scores-file", str(folders / "s.parquet"),
+               "-T", "2") == 2  # the default (quantile) has no temperature  # fmt: skip
+    assert "takes low, high" in capsys.readouterr().err
 
 
 def test_errors_exit_2(folders, capsys):

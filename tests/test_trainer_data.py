@@ -62,9 +62,12 @@ def test_join_by_id_weights_over_whole_table(folder):
     assert batch[2].tolist() == [0, 1, 2]
     auto = ScoredDataset(folder, image_folder_sample_ids(folder), scores, mapping="exp-max")
     assert auto.temperature == pytest.approx(np.std([1.0, 0.0, 3.0, 2.0]))
-    # The default (rank) mapping, also over the whole table: ranks of 1, 0, 2 among 0..3 are
-    # 2, 1, 3 of N = 4; T = its default.
-    rank = ScoredDataset(folder, image_folder_sample_ids(folder), scores)
+    # The default mapping (quantile, 5th-95th percentile of the whole table: 0.15 and 2.85).
+    default = ScoredDataset(folder, image_folder_sample_ids(folder), scores)
+    assert default.weight_mapping.mapping == "quantile" and default.temperature is None
+    assert default.weights.tolist() == pytest.approx([0.0, 1.85 / 2.7, 0.85 / 2.7], rel=1e-6)
+    # Rank, also over the whole table: ranks of 0, 2, 1 among 0..3 are 1, 3, 2 of N = 4.
+    rank = ScoredDataset(folder, image_folder_sample_ids(folder), scores, mapping="rank")
     assert rank.weight_mapping.mapping == "rank" and rank.temperature == RANK_T
     assert rank.weights.tolist() == pytest.approx(
         np.exp((np.array([1.0, 3.0, 2.0]) / 4 - 1) / RANK_T).tolist(), rel=1e-6

@@ -137,5 +137,7 @@ def test_loss_from_scores_uses_the_mapping():
     assert loss.weights.tolist() == pytest.approx(
         np.exp(np.array([-0.75, -0.25, -0.5, 0.0]) / 0.5).tolist(), rel=1e-6
     )
-    default = DifficultyAwareLoss.from_scores([0.0, 1.0])
-    assert default.weights.tolist() == pytest.approx([math.exp(-0.5 / RANK_T), 1.0], rel=1e-6)
+    # The default (quantile 0.05-0.95): 0..10 -> caps at 0.5 and 9.5.
+    default = DifficultyAwareLoss.from_scores(np.arange(11.0))
+    assert default.weights.tolist() == pytest.approx(np.clip((np.arange(11.0) - 0.5) / 9.0, 0, 1).tolist(),
+                                                     rel=1e-6)  # fmt: skip

@@ -2,7 +2,7 @@
 
 Examples:
   difficulty-train --data fmnist --loss difficulty --service-url http://127.0.0.1:8000 \\
-      --dataset-id 3f2a... --mapping rank --alpha 1 --epochs 10 --compare ce -o runs/da
+      --dataset-id 3f2a... --mapping quantile --alpha 1 --epochs 10 --compare ce -o runs/da
   difficulty-train --data ./images/train --test-data ./images/test --model resnet18 \\
       --loss difficulty --scores-file scores.parquet -o runs/da
 """
@@ -19,7 +19,7 @@ from trainer.data import MISSING_POLICIES
 from trainer.losses import DEFAULT_ALPHA, LOSS_NAMES
 from trainer.models import MODEL_NAMES
 from trainer.train import TrainConfig, train_with_comparison
-from trainer.weights import DEFAULT_MAPPING, MAPPING_NAMES, RANK_T
+from trainer.weights import DEFAULT_MAPPING, MAPPING_NAMES, QUANTILE_HIGH, QUANTILE_LOW, RANK_T
 
 
 def _temperature(value: str) -> float | str:
@@ -82,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"difficulty-aware: entropy weight (default {DEFAULT_ALPHA:g})")  # fmt: skip
     lo.add_argument("--mapping", choices=MAPPING_NAMES, default=DEFAULT_MAPPING,
                     help=f"difficulty-aware: scores -> weights in [0, 1] (default {DEFAULT_MAPPING}): "
-                         "rank exp((rank/N - 1)/T), quantile (min-max between quantiles), robust-sigmoid, "
-                         "exp-max (the original exp((s - max s)/T), degenerate on heavy-tailed scores)")  # fmt: skip
+                         "quantile (min-max between two quantiles), rank exp((rank/N - 1)/T), "
+                         "robust-sigmoid, exp-max (the original exp((s - max s)/T), degenerate on "
+                         "heavy-tailed scores)")  # fmt: skip
     lo.add_argument("--temperature", "-T", type=_temperature, default="auto",
-                    help=f"the mapping's T; 'auto' = its default (rank {RANK_T:g}, robust-sigmoid 1, "
-                         "exp-max the std of the scores)")  # fmt: skip
-    lo.add_argument("--quantile-low", type=float, help="quantile mapping: lower cap (default 0.05)")
-    lo.add_argument("--quantile-high", type=float, help="quantile mapping: upper cap (default 0.95)")
+                    help=f"rank, robust-sigmoid, exp-max: T; 'auto' = the mapping's default (rank "
+                         f"{RANK_T:g}, robust-sigmoid 1, exp-max the std of the scores)")  # fmt: skip
+    lo.add_argument("--quantile-low", type=float,
+                    help=f"quantile mapping: lower cap (default {QUANTILE_LOW:g})")  # fmt: skip
+    lo.add_argument("--quantile-high", type=float,
+                    help=f"quantile mapping: upper cap (default {QUANTILE_HIGH:g})")  # fmt: skip
     lo.add_argument("--compare", nargs="*", default=[], choices=LOSS_NAMES, metavar="LOSS",
                     help="also train these losses (e.g. ce) on the same data and seed: their metrics "
                          "in the report, reliability diagrams side by side")  # fmt: skip
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--score-column", default="rmd", help="rmd (default) or rmd_min")
     s.add_argument("--clip-quantile", type=float, default=None,
                    help="opt-in: cap scores at this quantile (e.g. 0.99) before the mapping "
-                        "(matters for exp-max; rank needs no cap)")  # fmt: skip
+                        "(matters for exp-max; quantile caps by itself, rank is unchanged by a cap)")  # fmt: skip
     s.add_argument("--missing-scores", choices=MISSING_POLICIES, default="error",
                    help="samples without a score: error (default), drop, or zero-weight (plain CE)")  # fmt: skip
     s.add_argument("--cache-dir", help="score cache (default ~/.cache/difficulty-trainer)")

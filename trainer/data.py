@@ -78,7 +78,8 @@ class ScoreTable:
         Why it exists: the original ``exp-max`` mapping is anchored at the single hardest
         sample, and real RMD is heavy-tailed (Fashion-MNIST + EfficientNet-Lite0: median -4,
         99th percentile 49, max 3,848), so a cap at e.g. the 99th percentile anchors it at
-        "hard" instead of at the outlier. The rank mapping (the default) needs no cap.
+        "hard" instead of at the outlier. The default quantile mapping caps by itself, and the
+        rank mapping is unchanged by any cap.
         """
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"clip quantile must be in (0, 1], got {quantile}")

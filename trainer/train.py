@@ -65,7 +65,7 @@ class TrainConfig:
     gamma: float = 3.0
     beta: float = 0.1
     alpha: float = DEFAULT_ALPHA
-    mapping: str = DEFAULT_MAPPING  # trainer.weights: rank, quantile, robust-sigmoid, exp-max
+    mapping: str = DEFAULT_MAPPING  # trainer.weights: quantile, rank, robust-sigmoid, exp-max
     temperature: float | str = "auto"  # the mapping's T; "auto" = its documented default
     quantile_low: float | None = None  # the quantile mapping's caps (None = its defaults)
     quantile_high: float | None = None
