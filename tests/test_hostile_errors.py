@@ -8,6 +8,7 @@ Cost: in-process apps (~1 s each, two); no server process.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jsonschema
@@ -74,8 +75,9 @@ def test_served_errors_match_the_document_and_are_bounded(api_client):
         assert "x" * 300 not in response.text and "z" * 300 not in response.text
 
 
-def test_unauthorised_answers_match_the_document(tmp_path):
+def test_unauthorised_answers_match_the_document(tmp_path, caplog):
     settings = make_settings(tmp_path / "data", api_keys={"secret-key-0123456789": "t"})
+    caplog.set_level(logging.WARNING, logger="service.auth")
     with TestClient(create_app(settings, run_worker=False)) as c:
         for response, path, method in [
             (c.get("/v1/datasets"), "/v1/datasets", "get"),
@@ -85,3 +87,6 @@ def test_unauthorised_answers_match_the_document(tmp_path):
             assert response.status_code == 401
             assert response.headers["www-authenticate"] == "Bearer"
             _validator(401, path, method).validate(response.json())
+    failed = [r.getMessage() for r in caplog.records if r.name == "service.auth"]
+    assert len(failed) == 3 and all(m.startswith("authentication failed from ") for m in failed), failed
+    assert not any("wrong" in m for m in failed), "the key sent is never logged"
