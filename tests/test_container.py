@@ -4,19 +4,20 @@ scripts/container-test.sh --build-only (called here, cached by Docker) builds th
 locally bootstrapped Debian base, without any registry, and a PostgreSQL image from Debian's
 packages. Then the real Docker Compose v2 binary brings up `api`, two `worker`s and `postgres`
 from docker/compose.yaml + docker/compose.cpu.yaml, plus an override with the test's knobs (small
-chunks with a pause after each, a short lease, fast health checks). Against that:
+chunks with a pause after each, fast health checks). Against that:
 
 - every container is healthy, the service runs as uid 10001, only the API is published and only
   on 127.0.0.1, and the API refuses requests without a key;
 - real Fashion-MNIST PNGs are uploaded and fitted with efficientnet-lite0 (real weights);
 - the worker container holding the job's lease is `docker kill`ed mid-embedding; the other worker
   takes the job over and finishes it, with exactly the scores of an uninterrupted fit of the
-  same images;
+  same images (to float rounding: 1e-6 of each column's scale);
 - `docker compose down` then `up` again: datasets, fits and scores are still there (volumes).
 
-Cost: about 60 s with a warm build cache (the first build on a fresh machine adds about 4 min;
-docs/deploy.md has the measured numbers). Runs in CI (the engine comes from scripts/test-services.sh);
-elsewhere it is skipped when no Docker engine answers.
+Cost, measured on the shared 2-core build machine with the images built: 6 min at load average
+14 and 12 min at load 24 (mostly the two image fits, CPU-bound); the build from nothing adds
+4 to 6 min, a cached one seconds (docs/deploy.md has the numbers). Runs in CI, where the engine
+comes from scripts/test-services.sh; elsewhere it is skipped when no Docker engine answers.
 """
 
 from __future__ import annotations
@@ -50,17 +51,18 @@ API_KEY = "container-test-key"
 SERVICE_UID = "10001"
 
 # 300 images in chunks of 25 with a 1 s pause after each: the embedding stage lasts 12 s or more,
-# long enough to kill its worker between durable chunks. The lease is short so the take-over is
-# quick, but not shorter than 30 s: loading torch and the encoder in a fresh container holds the
-# GIL long enough on a busy 2-core machine (up to 15 s measured) to starve the heartbeat thread
-# of a shorter lease, and the job then moves between the live workers.
+# long enough to kill its worker between durable chunks. The lease is the production default
+# (60 s), not a shorter one: on a busy 2-core machine (four other jobs on it) a worker's heartbeat
+# went unrenewed for over 6 s while it loaded torch and the encoder, and for over 30 s during a
+# fit (the GIL held in a long native call, most likely); its job then moved to the other live
+# worker, which would make the uninterrupted reference fit flaky.
 PER_CLASS, N_CLASSES = 30, 10
 N_IMAGES = PER_CLASS * N_CLASSES
 CHUNK_ROWS = 25
 KNOBS = {
     "DIFFICULTY_IMAGE_CHUNK_ROWS": str(CHUNK_ROWS),
     "DIFFICULTY_CHUNK_DELAY_SECONDS": "1",
-    "DIFFICULTY_LEASE_SECONDS": "30",
+    "DIFFICULTY_LEASE_SECONDS": "60",
     "DIFFICULTY_HEARTBEAT_SECONDS": "2",
     "DIFFICULTY_POLL_SECONDS": "0.3",
 }
@@ -142,10 +144,12 @@ class Stack:
 def write_override(path: Path) -> None:
     """The test's knobs over docker/compose.yaml: fast health checks and the chunk/lease settings.
     JSON is YAML, and compose merges it key by key."""
-    healthcheck = {"interval": "2s", "start_period": "120s"}
+    # Each check of a worker starts a Python process: every 5 s, not Docker's 30 s default, so
+    # `up --wait` returns soon, yet seldom enough not to load the CPUs the job needs.
+    healthcheck = {"interval": "5s", "start_period": "120s"}
     service = {"environment": KNOBS, "healthcheck": healthcheck}
     path.write_text(json.dumps({"services": {
-        "api": service, "worker": service, "postgres": {"healthcheck": {"interval": "2s"}},
+        "api": service, "worker": service, "postgres": {"healthcheck": {"interval": "3s"}},
     }}))
 
 
@@ -354,8 +358,6 @@ def test_worker_killed_mid_job_then_down_up_keeps_everything(stack, client, arch
         after = again.get(f"/v1/datasets/{dataset}").json()
         assert after["fit"] == before["fit"] and after["num_embedded"] == N_IMAGES
         assert scores(again, dataset).equals(killed_scores)
-        # And the restarted stack still works: a new fit of the persisted dataset.
-        refit = wait_succeeded(stack, again, start_fit(again, dataset))
-        assert refit["result"]["num_scored"] == N_IMAGES
-        assert_same_scores(scores(again, dataset), killed_scores)
+        # The job history too (the queue lives in the pgdata volume).
+        assert job(again, job_id)["attempts"] == 2
 
