@@ -22,6 +22,7 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	bash scripts/test-services.sh
+	bash scripts/install-browser.sh
 	$(BIN)/ruff check service trainer tests benchmarks
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
