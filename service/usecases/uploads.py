@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from service import schemas
 from service.domain import UploadKind, UploadState
 from service.encoders.names import check_features_name, is_image_encoder
-from service.errors import Conflict, InsufficientStorage, InvalidInput, TooLarge
+from service.errors import Conflict, InsufficientStorage, InvalidInput, NotFound, TooLarge
 from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
 from service.ingest.safety import inspect_archive
 from service.settings import Settings
@@ -99,9 +99,19 @@ def dataset_shape(ctx: AppContext, dataset: Dataset, uploads: list[Upload]) -> t
     return sum(u.num_items for u in uploads), dim, classes
 
 
+def _gone(ctx: AppContext, dataset_id: str) -> bool:
+    with ctx.db() as session:
+        return session.get(Dataset, dataset_id) is None
+
+
 def _commit(
     ctx: AppContext, session: Session, dataset: Dataset, form: Form, kind: UploadKind, num_items: int, classes: Counter[str]
 ) -> schemas.UploadOut:
+    # A DELETE of the dataset may run concurrently. Lock its row until the commit (PostgreSQL;
+    # SQLite serialises writers anyway): a delete that already won leaves nothing to rename
+    # into, one that comes later waits and then removes this upload with the dataset.
+    if session.scalar(select(Dataset.id).where(Dataset.id == dataset.id).with_for_update()) is None:
+        raise NotFound("dataset")
     folder = layout.new_upload_folder(new_id())
     target = layout.upload_dir(ctx.settings.data_dir, dataset.id, folder)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +134,10 @@ def _commit(
         session.commit()
     except Exception:
         shutil.rmtree(target, ignore_errors=True)
+        session.rollback()
+        if _gone(ctx, dataset.id):  # deleted between the lock check and the commit (SQLite)
+            shutil.rmtree(layout.dataset_dir(ctx.settings.data_dir, dataset.id), ignore_errors=True)
+            raise NotFound("dataset") from None
         raise
     return schemas.UploadOut(
         dataset_id=dataset.id,
