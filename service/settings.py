@@ -118,6 +118,8 @@ class Settings:
     allowed_encoders: tuple[str, ...] = DEFAULT_ALLOWED_ENCODERS
     # A job running longer than this is failed by its worker's heartbeat (0 = no limit).
     max_job_seconds: float = 24 * 3600.0
+    # A job that reports no progress for this long is stopped as stuck (0 = never).
+    job_stall_seconds: float = 3600.0
     # Uploads in flight per API process, in all and per tenant (more: 503 with Retry-After),
     # and how long a request body may send nothing before it is refused (408; slow clients).
     max_concurrent_uploads: int = 16
@@ -175,6 +177,7 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         max_fit_bytes=_env_int("DIFFICULTY_MAX_FIT_BYTES", Settings.max_fit_bytes),
         allowed_encoders=_env_list("DIFFICULTY_ALLOWED_ENCODERS", Settings.allowed_encoders),
         max_job_seconds=_env_float("DIFFICULTY_MAX_JOB_SECONDS", Settings.max_job_seconds),
+        job_stall_seconds=_env_float("DIFFICULTY_JOB_STALL_SECONDS", Settings.job_stall_seconds),
         max_concurrent_uploads=_env_int("DIFFICULTY_MAX_CONCURRENT_UPLOADS", Settings.max_concurrent_uploads),
         max_uploads_per_tenant=_env_int("DIFFICULTY_MAX_UPLOADS_PER_TENANT", Settings.max_uploads_per_tenant),
         body_idle_seconds=_env_float("DIFFICULTY_BODY_IDLE_SECONDS", Settings.body_idle_seconds),

@@ -52,3 +52,15 @@ def test_stuck_job_is_failed_by_the_heartbeat(tmp_path):
         job = wait_for_job(c, c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"], timeout=60)
         # Failed by the heartbeat, not by the job reaching its check after the sleep.
         assert job["state"] == "failed" and "did not stop when asked" in job["error"], job
+
+
+def test_job_without_progress_is_stopped_as_stuck(tmp_path):
+    """No progress for DIFFICULTY_JOB_STALL_SECONDS (here a 6 s step against 0.5 s): the lease
+    is no longer renewed on faith; the job is asked to stop and, stuck, failed by its worker."""
+    settings = make_settings(tmp_path / "data", job_stall_seconds=0.5, lease_seconds=1.0, chunk_rows=50,
+                             chunk_delay_seconds=6.0, heartbeat_seconds=0.2)
+    with TestClient(create_app(settings)) as c:
+        dataset_id = _slow_dataset(c, 200)
+        job = wait_for_job(c, c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"], timeout=60)
+        assert job["state"] == "failed", job
+        assert "DIFFICULTY_JOB_STALL_SECONDS" in job["error"] and "did not stop when asked" in job["error"], job

@@ -38,7 +38,8 @@ class Worker:
         self.db = db
         self.owner = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stop_event = threading.Event()
-        self._overdue: set[str] = set()  # jobs past DIFFICULTY_MAX_JOB_SECONDS (set by the heartbeat)
+        # Jobs past a run-time or progress limit: job id -> (when, reason), set by the heartbeat.
+        self._overdue: dict[str, tuple[float, str]] = {}
 
     def run_forever(self) -> None:
         while not self.stop_event.is_set():
@@ -82,7 +83,7 @@ class Worker:
             run_fit_job(job, ctx, self.settings, self.db)
         except JobStopped:
             if job.id in self._overdue:
-                queue.finish(self.db, job.id, self.owner, JobState.FAILED, error=self._overdue_message(),
+                queue.finish(self.db, job.id, self.owner, JobState.FAILED, error=self._overdue[job.id][1],
                              progress=ctx.snapshot())
             elif ctx.cancel_requested and not ctx.lease_lost:
                 queue.finish(self.db, job.id, self.owner, JobState.CANCELLED, error="cancelled by request",
@@ -103,35 +104,41 @@ class Worker:
         finally:
             finished.set()
             beat.join(timeout=5)
-            self._overdue.discard(job.id)
+            self._overdue.pop(job.id, None)
             self._remove_if_deleted(job.dataset_id)
 
-    def _overdue_message(self) -> str:
-        return (
-            f"the job ran longer than {self.settings.max_job_seconds:g} s (DIFFICULTY_MAX_JOB_SECONDS) and "
-            "was stopped; split the dataset or ask the operator to raise the limit"
-        )
+    def _limit_exceeded(self, started: float, last_progress: float, now: float) -> str | None:
+        """Why the job must stop (None while it may run): past its maximum run time, or no
+        progress reported for DIFFICULTY_JOB_STALL_SECONDS (a stuck step)."""
+        limit, stall = self.settings.max_job_seconds, self.settings.job_stall_seconds
+        if limit > 0 and now - started > limit:
+            return (f"the job ran longer than {limit:g} s (DIFFICULTY_MAX_JOB_SECONDS) and was stopped; "
+                    "split the dataset or ask the operator to raise the limit")
+        if stall > 0 and now - last_progress > stall:
+            return (f"the job reported no progress for {stall:g} s (DIFFICULTY_JOB_STALL_SECONDS) and was "
+                    "stopped as stuck; retry the fit, and check the worker log if it repeats")
+        return None
 
-    def _stop_if_overdue(self, ctx: JobContext, started: float, now: float) -> bool:
-        """Past the maximum run time: ask the job to stop at its next check (it is then failed
-        with the reason). A job that still has not stopped a lease later is failed here and its
-        lease is no longer renewed, so nothing it writes afterwards can finish it. True when the
+    def _stop_if_overdue(self, ctx: JobContext, started: float, last_progress: float, now: float) -> bool:
+        """Past a limit: ask the job to stop at its next check (it is then failed with the
+        reason). A job that still has not stopped a lease later is failed here and its lease is
+        no longer renewed, so nothing it writes afterwards can finish it. True when the
         heartbeat should end."""
-        limit = self.settings.max_job_seconds
-        if limit <= 0 or now - started <= limit:
-            return False
         if ctx.job_id not in self._overdue:
-            log.warning("job %s passed DIFFICULTY_MAX_JOB_SECONDS=%g: stopping it", ctx.job_id, limit)
-            self._overdue.add(ctx.job_id)
+            reason = self._limit_exceeded(started, last_progress, now)
+            if reason is None:
+                return False
+            log.warning("job %s: %s", ctx.job_id, reason)
+            self._overdue[ctx.job_id] = (now, reason)
             ctx.cancel_requested = True
             return False
-        if now - started <= limit + self.settings.lease_seconds:
+        flagged, reason = self._overdue[ctx.job_id]
+        if now - flagged <= self.settings.lease_seconds:
             return False
-        log.error("job %s did not stop within a lease after its maximum run time: failing it", ctx.job_id)
+        log.error("job %s did not stop within a lease after it was asked to: failing it", ctx.job_id)
         ctx.lease_lost = True
         queue.finish(self.db, ctx.job_id, self.owner, JobState.FAILED,
-                     error=self._overdue_message() + " (it did not stop when asked: its worker failed it)",
-                     progress=ctx.snapshot())
+                     error=reason + " (it did not stop when asked: its worker failed it)", progress=ctx.snapshot())
         return True
 
     def _remove_if_deleted(self, dataset_id: str) -> None:
@@ -150,14 +157,16 @@ class Worker:
         # request is seen by the job at its next chunk boundary.
         interval = min(1.0, self.settings.heartbeat_seconds)
         last_renew = 0.0
-        started = time.monotonic()
+        started = last_progress = time.monotonic()
         while not finished.wait(interval):
             now = time.monotonic()
+            if ctx.changed.is_set():
+                last_progress = now
             try:
-                if self._stop_if_overdue(ctx, started, now):
+                if self._stop_if_overdue(ctx, started, last_progress, now):
                     return
             except Exception:
-                log.exception("maximum run time check failed")
+                log.exception("run-time check failed")
             if not ctx.changed.is_set() and now - last_renew < self.settings.heartbeat_seconds:
                 continue
             ctx.changed.clear()
