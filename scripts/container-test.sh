@@ -39,8 +39,9 @@ requirements=$(mktemp)
 if ! cmp -s "$requirements" "$stamp"; then
   t=$(seconds)
   find "$WHEELHOUSE" -mindepth 1 ! -name README.md -delete
+  # (pip's warnings about index pages it cannot read are noise here: filtered out.)
   "$VENV/bin/pip" download -q --only-binary :all: --python-version "$python_version" \
-    -d "$WHEELHOUSE" -r "$requirements"
+    -d "$WHEELHOUSE" -r "$requirements" 2> >(grep -v 'is ignored: it is neither' >&2)
   cp "$requirements" "$stamp"
   echo "wheelhouse: $(ls "$WHEELHOUSE" | wc -l) files, $(du -sh "$WHEELHOUSE" | cut -f1), $(elapsed "$t") s"
 fi
