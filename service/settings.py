@@ -120,6 +120,11 @@ class Settings:
     max_job_seconds: float = 24 * 3600.0
     # A job that reports no progress for this long is stopped as stuck (0 = never).
     job_stall_seconds: float = 3600.0
+    # Per-tenant quotas (413 naming the setting): datasets, uploads per dataset, and fit jobs
+    # queued or running at once (one tenant's 500 fits cannot fill the global FIFO queue).
+    max_datasets_per_tenant: int = 1000
+    max_uploads_per_dataset: int = 1000
+    max_active_jobs_per_tenant: int = 4
     # Uploads in flight per API process, in all and per tenant (more: 503 with Retry-After),
     # and how long a request body may send nothing before it is refused (408; slow clients).
     max_concurrent_uploads: int = 16
@@ -178,6 +183,11 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         allowed_encoders=_env_list("DIFFICULTY_ALLOWED_ENCODERS", Settings.allowed_encoders),
         max_job_seconds=_env_float("DIFFICULTY_MAX_JOB_SECONDS", Settings.max_job_seconds),
         job_stall_seconds=_env_float("DIFFICULTY_JOB_STALL_SECONDS", Settings.job_stall_seconds),
+        max_datasets_per_tenant=_env_int("DIFFICULTY_MAX_DATASETS_PER_TENANT", Settings.max_datasets_per_tenant),
+        max_uploads_per_dataset=_env_int("DIFFICULTY_MAX_UPLOADS_PER_DATASET", Settings.max_uploads_per_dataset),
+        max_active_jobs_per_tenant=_env_int(
+            "DIFFICULTY_MAX_ACTIVE_JOBS_PER_TENANT", Settings.max_active_jobs_per_tenant
+        ),
         max_concurrent_uploads=_env_int("DIFFICULTY_MAX_CONCURRENT_UPLOADS", Settings.max_concurrent_uploads),
         max_uploads_per_tenant=_env_int("DIFFICULTY_MAX_UPLOADS_PER_TENANT", Settings.max_uploads_per_tenant),
         body_idle_seconds=_env_float("DIFFICULTY_BODY_IDLE_SECONDS", Settings.body_idle_seconds),

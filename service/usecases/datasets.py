@@ -6,13 +6,13 @@ import shutil
 from collections import Counter
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from service import schemas
 from service.domain import ACTIVE_JOB_STATES
 from service.encoders.names import check_tenant_encoder
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, TooLarge
 from service.jobs import queue
 from service.storage import layout
 from service.storage.database import Dataset, Fit, Job, Upload, new_id, utcnow
@@ -88,6 +88,11 @@ def create_dataset(ctx: AppContext, tenant: str, body: schemas.DatasetCreate) ->
     encoder = body.encoder or ctx.settings.default_encoder
     check_tenant_encoder(encoder, allowed_encoders(ctx))
     with ctx.db() as session:
+        limit = ctx.settings.max_datasets_per_tenant
+        held = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.tenant == tenant))
+        if held >= limit:
+            raise TooLarge(f"this tenant holds {held} datasets, the limit (DIFFICULTY_MAX_DATASETS_PER_TENANT); "
+                           "delete some first")
         dataset = Dataset(id=new_id(), tenant=tenant, name=body.name, encoder=encoder, created_at=utcnow())
         session.add(dataset)
         session.commit()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import schemas
-from service.domain import JobKind
+from service.domain import ACTIVE_JOB_STATES, JobKind
 from service.encoders.names import check_tenant_encoder
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, NotFound, TooLarge
 from service.jobs import queue
 from service.storage.database import Job, Upload
 from service.usecases.context import AppContext
@@ -46,6 +46,13 @@ def start_fit(ctx: AppContext, tenant: str, dataset_id: str, options: schemas.Fi
         # The operator's lists and limits may have changed since: checked again before queueing.
         check_tenant_encoder(dataset.encoder, allowed_encoders(ctx))
         check_data_shape(ctx.settings, *dataset_shape(ctx, dataset, dataset_uploads))
+        limit = ctx.settings.max_active_jobs_per_tenant
+        active = session.scalar(
+            select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE_JOB_STATES))
+        )
+        if active >= limit:
+            raise TooLarge(f"this tenant has {active} fit jobs queued or running, the limit "
+                           "(DIFFICULTY_MAX_ACTIVE_JOBS_PER_TENANT): wait for one to finish")
         job = queue.enqueue(
             session,
             dataset_id=dataset.id,

@@ -104,6 +104,15 @@ def _gone(ctx: AppContext, dataset_id: str) -> bool:
         return session.get(Dataset, dataset_id) is None
 
 
+def _check_upload_quota(ctx: AppContext, uploads: list[Upload]) -> None:
+    # Each upload is read back for every later duplicate-ID check: their number is bounded.
+    if len(uploads) >= ctx.settings.max_uploads_per_dataset:
+        raise TooLarge(
+            f"this dataset has {len(uploads)} uploads, the limit (DIFFICULTY_MAX_UPLOADS_PER_DATASET): "
+            "upload larger batches, or into a new dataset"
+        )
+
+
 def _commit(
     ctx: AppContext, session: Session, dataset: Dataset, form: Form, kind: UploadKind, num_items: int, classes: Counter[str]
 ) -> schemas.UploadOut:
@@ -168,6 +177,7 @@ def accept_archive(ctx: AppContext, tenant: str, dataset_id: str, form: Form) ->
                     "create a dataset with an image encoder for images"
                 )
             uploads = _uploads(session, dataset)
+            _check_upload_quota(ctx, uploads)
             n_old, _, old_classes = dataset_shape(ctx, dataset, uploads)
             check_data_shape(ctx.settings, n_old + len(members), None, old_classes | {m.label for m in members})
             ids = np.asarray([m.name for m in members], dtype=np.str_)
@@ -201,6 +211,7 @@ def accept_embeddings(ctx: AppContext, tenant: str, dataset_id: str, form: Form)
         with ctx.upload_lock(dataset_id), ctx.db() as session:
             dataset = owned(session, tenant, dataset_id)
             uploads = _uploads(session, dataset)
+            _check_upload_quota(ctx, uploads)
             if any(u.kind == UploadKind.ARCHIVE for u in uploads):
                 raise Conflict("this dataset holds images: upload embeddings to a separate dataset")
             if is_image_encoder(dataset.encoder) or (name and not uploads):
