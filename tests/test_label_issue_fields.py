@@ -148,3 +148,20 @@ def test_noise_model_on_a_sample_of_rows_agrees_with_all_rows(noisy):
     sampled = find_label_issues(*args, kind="full", refits=1, noise_sample=300).issues
     assert np.corrcoef(full.log_odds, sampled.log_odds)[0, 1] > 0.99
     assert np.mean(full.is_issue == sampled.is_issue) > 0.97
+
+
+def test_logsumexp_matches_scipy_with_infinite_entries():
+    from scipy.special import logsumexp as reference_logsumexp
+
+    from service.statistics.selection import logsumexp
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(scale=50.0, size=(200, 7))
+    a[3, 2] = -np.inf
+    a[5, :] = -np.inf
+    a[7, :] = 1e300  # large but finite: no overflow
+    for axis in (0, 1):
+        for keepdims in (False, True):
+            np.testing.assert_allclose(
+                logsumexp(a, axis=axis, keepdims=keepdims), reference_logsumexp(a, axis=axis, keepdims=keepdims), rtol=1e-12
+            )

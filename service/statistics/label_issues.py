@@ -33,13 +33,14 @@ from typing import Literal
 import numpy as np
 from scipy.linalg import eigh, solve_triangular
 from scipy.optimize import minimize_scalar
-from scipy.special import expit, log_expit, logsumexp
+from scipy.special import expit, log_expit
 
 from service.statistics.gaussian import GaussianModel, normalize_features
 from service.statistics.selection import (
     FoldGaussian,
     fold_gaussians,
     log_posterior,
+    logsumexp,
     shrunk_eigenvalues,
 )
 from service.statistics.shrinkage import shrink

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import eigh
-from scipy.special import logsumexp
 
 from service.statistics.shrinkage import SHRINKAGE_GRID
 from service.statistics.sufficient import SufficientStatistics
@@ -76,6 +75,17 @@ def distances_in_eigenbasis(
     out += np.einsum("kd,d,kd->k", projected_means, inv, projected_means)[None, :]
     out += np.einsum("nd,d,nd->n", projected, inv, projected)[:, None]
     return np.maximum(out, 0.0, out=out)
+
+
+def logsumexp(a: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """``log(sum(exp(a)))`` along ``axis``, stable, for real arrays whose slices may hold
+    ``-inf`` (an all ``-inf`` slice gives ``-inf``). scipy's version handles complex input,
+    weights and signs, and was most of the label-issue fit's time."""
+    top = np.max(a, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.sum(np.exp(a - top), axis=axis, keepdims=True)) + top
+    return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def log_posterior(distances: np.ndarray, log_prior: np.ndarray, temperature: float = 1.0) -> np.ndarray:
