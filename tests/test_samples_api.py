@@ -248,3 +248,15 @@ def test_thumbnail_file_counts_only_with_its_chunk(tmp_path: Path) -> None:
     (tmp_path / "chunk-000000.npz").write_bytes(b"")
     assert store.indices() == [0]
     assert store.get("a") == b"\xff\xd8jpeg-a" and store.get("b") is None
+
+
+def test_leading_eigenvectors_by_lanczos_match_the_dense_decomposition() -> None:
+    from service.pipeline.map2d import LANCZOS_MIN_DIM, leading_eigenvectors
+
+    rng = np.random.default_rng(3)
+    for d in (5, LANCZOS_MIN_DIM + 60):
+        x = rng.normal(size=(400, d)) * np.linspace(3, 0.5, d)
+        covariance = np.cov(x.T)
+        _, dense = np.linalg.eigh(covariance)
+        got = leading_eigenvectors(covariance, 2)
+        np.testing.assert_allclose(np.abs(got.T @ dense[:, ::-1][:, :2]), np.eye(2), atol=1e-6)

@@ -10,9 +10,28 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.linalg import eigh
+from scipy.sparse.linalg import ArpackError, eigsh
 
 from service.statistics import GaussianModel, normalize_features
 from service.storage.embeddings import EmbeddingStore
+
+LANCZOS_MIN_DIM = 64  # below, a dense eigendecomposition is cheaper than Lanczos iterations
+
+
+def leading_eigenvectors(covariance: np.ndarray, k: int) -> np.ndarray:
+    """(D, k) eigenvectors of the k largest eigenvalues, largest first. Lanczos (``eigsh``, a
+    fixed start vector: deterministic) for large D: a few matrix-vector products instead of a
+    dense O(D^3) decomposition (2 s of CPU at D = 1280 with ``eigh``)."""
+    d = covariance.shape[0]
+    values = vectors = None
+    if d > LANCZOS_MIN_DIM:
+        try:
+            values, vectors = eigsh(covariance, k=k, which="LA", v0=np.ones(d))
+        except (ArpackError, ValueError):  # a degenerate covariance (rank < k): no Krylov space
+            values = None
+    if values is None:
+        values, vectors = eigh(covariance, subset_by_index=(d - k, d - 1))
+    return vectors[:, np.argsort(values)[::-1]]
 
 
 def principal_axes(model: GaussianModel, components: int = 2) -> np.ndarray:
@@ -20,8 +39,7 @@ def principal_axes(model: GaussianModel, components: int = 2) -> np.ndarray:
     first, each signed so its largest coordinate is positive (the same map on every run)."""
     d = model.dim
     k = min(components, d)
-    _, vectors = eigh(model.covariance_agnostic, subset_by_index=(d - k, d - 1))
-    vectors = vectors[:, ::-1]
+    vectors = leading_eigenvectors(model.covariance_agnostic, k)
     signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(k)])
     vectors = vectors * np.where(signs == 0, 1.0, signs)
     if k < components:  # a 1-D feature space: a flat second axis
