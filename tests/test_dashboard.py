@@ -5,7 +5,7 @@ with API keys, on real Fashion-MNIST images embedded by efficientnet-lite0.
 Screenshots go to each test's tmp dir (kept as CI artefacts); with DASHBOARD_DOCS_SCREENSHOTS=1
 one of each page is also written to docs/.
 
-Cost: 572 s measured on this 2-core machine under a load average of ~24 (other suites running):
+Cost: 445 s measured on this 2-core machine under a load average of ~24 (other suites running):
 the browser steps take ~40 s; the rest is the two efficientnet-lite0 fits at D = 1280 (one of
 80 images through the API with a fixed shrinkage, one of 40 images uploaded and fitted from the
 browser with the defaults: shrinkage cross-validation and the label-issue step dominate).
