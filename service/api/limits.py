@@ -74,11 +74,11 @@ class RequestLimits:
         keys = self.settings.api_keys
         if not keys and _on_loopback(scope) and not is_loopback_name(host_name(headers.get("host", ""))):
             await _answer(send, 421, "keyless local mode answers only requests addressed to localhost "
-                                     "(Host header); set DIFFICULTY_API_KEYS to serve other host names")
+                                     "(Host header); set DIFFICULTY_API_KEYS to serve other host names", drain=receive)
             return
         if "\x00" in path or b"%00" in scope.get("query_string", b""):
             # No ID, label or cursor of ours holds NUL, and PostgreSQL cannot even compare one.
-            await _answer(send, 400, "NUL in the request path or query")
+            await _answer(send, 400, "NUL in the request path or query", drain=receive)
             return
         tenant = ANONYMOUS_TENANT
         if keys and (path.startswith("/v1/") or (path == "/metrics" and not self.settings.metrics_public)):
@@ -86,7 +86,7 @@ class RequestLimits:
             try:
                 tenant = tenant_for(keys, headers.get("authorization", ""), client=str(client[0]))
             except Unauthorized as exc:
-                await _answer(send, 401, str(exc), {"www-authenticate": "Bearer"})
+                await _answer(send, 401, str(exc), {"www-authenticate": "Bearer"}, drain=receive)
                 return
         idle = self.settings.body_idle_seconds
         if scope.get("method") == "POST" and UPLOAD_ROUTES.match(path):
@@ -95,7 +95,7 @@ class RequestLimits:
         limit = self.settings.max_request_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            await _answer(send, 413, _too_large(limit))
+            await _answer(send, 413, _too_large(limit), drain=receive)
             return
         body = bytearray()
         bounded = _idle_bounded(receive, idle)
@@ -109,7 +109,7 @@ class RequestLimits:
                 return  # the client left: nothing to answer
             body += message.get("body", b"")
             if len(body) > limit:
-                await _answer(send, 413, _too_large(limit))
+                await _answer(send, 413, _too_large(limit), drain=bounded)
                 return
             if not message.get("more_body", False):
                 break
@@ -123,7 +123,8 @@ class RequestLimits:
         if total >= self.settings.max_concurrent_uploads or mine >= self.settings.max_uploads_per_tenant:
             which = ("DIFFICULTY_MAX_UPLOADS_PER_TENANT" if mine >= self.settings.max_uploads_per_tenant
                      else "DIFFICULTY_MAX_CONCURRENT_UPLOADS")
-            await _answer(send, 503, f"too many uploads in flight ({which}); retry shortly", {"retry-after": "5"})
+            await _answer(send, 503, f"too many uploads in flight ({which}); retry shortly", {"retry-after": "5"},
+                          drain=receive)
             return
         self._uploads[tenant] = mine + 1
         try:
@@ -176,7 +177,31 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _answer(send: Send, status: int, detail: str, extra: dict[str, str] | None = None) -> None:
+# A refused request's body is read and dropped up to this many bytes before the answer: a
+# client still sending a modest body then reads the answer instead of a connection reset. An
+# attack's body beyond it is never read (the connection is closed).
+DRAIN_BYTES = 1024 * 1024
+
+
+async def _drain(receive: Receive) -> None:
+    seen = 0
+    while seen <= DRAIN_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), timeout=5)
+        except (TimeoutError, RequestTimeout):
+            return
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _answer(
+    send: Send, status: int, detail: str, extra: dict[str, str] | None = None, *, drain: Receive | None = None
+) -> None:
+    if drain is not None:
+        await _drain(drain)
     payload = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
