@@ -7,8 +7,9 @@ For every HTTP request, in this order:
    loopback (``localhost``, ``*.localhost``, ``127.0.0.1``, ``[::1]``). A web page that rebinds
    its own DNS name to 127.0.0.1 (DNS rebinding) sends its own name and gets 421, so it can
    neither read nor delete the local user's data.
-2. With API keys, a ``/v1/`` request without a valid key is answered 401 here, before a single
-   body byte is read (FastAPI reads a JSON body before it resolves the route's dependencies).
+2. With API keys, a ``/v1/`` request without a valid key is answered 401 here, before its body
+   reaches any route (FastAPI reads a JSON body before it resolves the route's dependencies);
+   at most DRAIN_BYTES of it are read and dropped first, then the connection is closed.
    The route's ``Tenant`` dependency checks the same key again (``auth.tenant_for``).
 3. Bodies: the three multipart upload routes stream their bodies to disk under their own limit
    (``api.multipart``, DIFFICULTY_MAX_UPLOAD_BYTES). Every other body is read here, at most
