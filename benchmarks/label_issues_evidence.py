@@ -18,10 +18,12 @@ among the top (true noise rate x N), mean and spread over seeds; the calibration
 and noise rate.
 
 Development and report are separate runs: the default was chosen on seeds 100 and 101
-(``--seeds 100,101``), the reported table uses seeds 0, 1, 2 (docs/evidence.md, section 4).
+(``--seeds 100,101``), the reported table uses seeds 0, 1, 2 (docs/evidence.md, section 5,
+which gives the exact commands: there the run was split into one process per seed and size
+group, pooled with ``--from-json a.json,b.json,...``).
 
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/label_issues_evidence.py \\
-        --features /tmp/fmnist-train-10000.npz --seeds 0,1,2 --json docs/evidence_label_issues.json
+        --features /tmp/fmnist-train-10000.npz --seeds 0,1,2 --json /tmp/label_issues.json
 
 cleanlab (AGPL-3.0) is an optional comparator, imported only here when installed
 (``pip install 'cleanlab[datalab]==2.9.0'``); never a dependency of the service.
