@@ -45,5 +45,8 @@ def serve_command(args: argparse.Namespace) -> int:
         flush=True,
     )
     app = create_app(settings, run_worker=not args.no_worker)
-    uvicorn.run(app, host=host, port=args.port, log_level="info", access_log=False)
+    # Bounded connections: past the limit uvicorn answers 503 instead of queueing without end,
+    # and idle keep-alive connections are closed after 5 s (uvicorn's default, stated here).
+    uvicorn.run(app, host=host, port=args.port, log_level="info", access_log=False,
+                limit_concurrency=1000, timeout_keep_alive=5)
     return 0

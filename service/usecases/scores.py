@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import select
 
 from service import schemas
-from service.encoders.names import is_image_encoder
+from service.encoders.names import check_tenant_encoder, is_image_encoder
 from service.errors import Conflict, InvalidInput, NotFound, TooLarge
 from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
 from service.ingest.safety import inspect_archive
@@ -20,7 +20,7 @@ from service.storage.embeddings import EmbeddingStore
 from service.storage.fits import FitFiles
 from service.storage.scores import Cursor, has_label_issues, label_issue_page, page
 from service.usecases.context import AppContext
-from service.usecases.datasets import MAX_ID_LENGTH, require_dataset
+from service.usecases.datasets import MAX_ID_LENGTH, allowed_encoders, require_dataset
 from service.usecases.forms import Form
 
 
@@ -164,6 +164,8 @@ def _embed_archive(ctx: AppContext, fit: Fit, form: Form):  # type: ignore[no-un
     members = inspect_archive(
         form.files["file"], max_members=ctx.settings.score_max_items, max_total_bytes=ctx.settings.max_archive_bytes
     )
+    # The operator's allow-list as it is now (an encoder removed from it is not loaded again).
+    check_tenant_encoder(fit.encoder, allowed_encoders(ctx))
     encoder = ctx.encoder(fit.encoder)
     from service.ingest import open_source
     from service.pipeline.embedding import embed_source
