@@ -59,9 +59,9 @@ def embed(samples, encoder, directory: Path, label: str) -> dict[str, np.ndarray
 
 
 def fit(features: np.ndarray, labels: np.ndarray, ids: list[str], shrinkage: float | str):
-    stats = SufficientStatistics(dim=features.shape[1])
+    stats = SufficientStatistics(dim=features.shape[1], normalized=True)
     stats.update(normalize_features(features), [str(x) for x in labels], ids)
-    return fit_gaussians(stats, shrinkage, normalized=True)
+    return fit_gaussians(stats, shrinkage)
 
 
 def label_noise(
