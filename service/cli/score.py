@@ -155,7 +155,7 @@ def images_to_store(args: argparse.Namespace) -> EmbeddingStore:
     for sample_id, reason in failures[:SHOW_FAILURES]:
         print(f"  skipped {sample_id}: {reason}", file=sys.stderr)
     if len(failures) > SHOW_FAILURES:
-        print(f"  ... and {len(failures) - SHOW_FAILURES} more (failures-*.json in {store.directory})", file=sys.stderr)
+        print(f"  ... and {len(failures) - SHOW_FAILURES} more (listed in the failure files of {store.directory})", file=sys.stderr)
     return store
 
 
