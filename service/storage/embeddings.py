@@ -8,6 +8,8 @@ Every file of a store directory is owned here::
     stats-normalized-upto-000012.npz sufficient statistics of chunks 0..11 (a cache; "raw" when
                                      fitted without L2 normalisation)
 
+(``thumbs-NNNNNN.npz`` files in the same folder belong to ``storage.thumbnails``.)
+
 A chunk file exists only once it is complete (temp file + rename), so an interrupted run
 resumes after the last chunk present. Chunk numbers are dense: the store refuses gaps. A
 failures file counts only once its chunk exists (it is written first).
