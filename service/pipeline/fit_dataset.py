@@ -126,10 +126,16 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
     stages.set_stage(JobStage.SCORING, model.count)
     scores = score_store(model, store, progress=stages.progress)
     stages.check()
+    # The labelled features are read (and normalised) once, for the neighbor column and the
+    # label-issue model alike.
+    ids, labels, features = labelled_features(store, normalize=settings.normalize)
     knn_k: int | None = None
     if scores.num_rows <= settings.knn_max_items:
         stages.set_stage(JobStage.NEIGHBORS, scores.num_rows)
-        agreement = knn_column(store, settings.knn_k)
+        from service.pipeline.neighbors import knn_agreement
+
+        unit = features if settings.normalize else normalize_features(features).astype(np.float32)
+        agreement = knn_agreement(unit, labels, settings.knn_k)
         knn_k = min(settings.knn_k, max(scores.num_rows - 1, 0))
         stages.progress(scores.num_rows)
     else:
@@ -137,7 +143,8 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
     scores = scores.append_column(KNN_COLUMN, pa.array(agreement, pa.float64(), from_pandas=True))
     stages.check()
     stages.set_stage(JobStage.LABEL_ISSUES, scores.num_rows)
-    issues = label_issue_columns(store, stats, model)
+    issues = label_issue_columns(stats, model, ids, labels, features)
+    del features
     for name, values in issues.columns.items():
         scores = scores.append_column(name, values)
     stages.progress(scores.num_rows)
@@ -154,12 +161,14 @@ class IssueColumns:
     shrinkage: float  # the rho the label-issue model used
 
 
-def label_issue_columns(store: EmbeddingStore, stats: SufficientStatistics, model: GaussianModel) -> IssueColumns:
+def label_issue_columns(
+    stats: SufficientStatistics, model: GaussianModel, ids: np.ndarray, labels: np.ndarray, features: np.ndarray
+) -> IssueColumns:
     """The label-issue fields of every labelled sample (docs/method.md, "Label issues"): the
     Gaussian classifier's out-of-fold posterior at the rho of lowest held-out classification
     log-loss, a label-transition model fitted by EM on the given labels, one soft-label refit,
-    and the calibration map. Needs the labelled features in memory once (N x D float32)."""
-    ids, labels, features = labelled_features(store, normalize=stats.normalized)
+    and the calibration map. ``ids, labels, features``: the labelled samples in the space of
+    ``stats`` (:func:`labelled_features`), in memory once (N x D float32)."""
     folds = assign_folds(ids.tolist(), stats.n_folds)
     fold_models = fold_gaussians(stats)
     # The held-out log-loss curve over rho is an average: evenly spaced rows estimate it well.
@@ -199,9 +208,9 @@ def labelled_features(store: EmbeddingStore, *, normalize: bool) -> tuple[np.nda
 def knn_column(store: EmbeddingStore, k: int) -> np.ndarray:
     """The share of each labelled sample's k nearest labelled neighbors with its label, in the
     store's row order (the order of :func:`score_store`)."""
-    from service.pipeline.neighbors import knn_agreement, read_unit_features
+    from service.pipeline.neighbors import knn_agreement
 
-    _, labels, features = read_unit_features(store, labelled_only=True)
+    _, labels, features = labelled_features(store, normalize=True)
     return knn_agreement(features, labels, k)
 
 

@@ -47,16 +47,15 @@ def build_index(features: np.ndarray):  # type: ignore[no-untyped-def]
 
 
 def read_unit_features(
-    store: EmbeddingStore, num_chunks: int | None = None, *, labelled_only: bool = False
+    store: EmbeddingStore, num_chunks: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample_ids, labels, L2-normalised float32 features) of the first ``num_chunks`` chunks."""
     ids, labels, feats = [], [], []
     for index in store.chunk_indices()[:num_chunks]:
         chunk = store.read_chunk(index)
-        keep = chunk.labels != "" if labelled_only else slice(None)
-        ids.append(chunk.sample_ids[keep])
-        labels.append(chunk.labels[keep])
-        feats.append(np.asarray(normalize_features(chunk.features[keep]), dtype=np.float32))
+        ids.append(chunk.sample_ids)
+        labels.append(chunk.labels)
+        feats.append(np.asarray(normalize_features(chunk.features), dtype=np.float32))
     if not feats:
         raise ValueError("the dataset has no embedded samples")
     return np.concatenate(ids), np.concatenate(labels), np.concatenate(feats)

@@ -100,12 +100,12 @@ def summary(ctx: AppContext, tenant: str, dataset_id: str) -> schemas.Summary:
 
 
 def neighbors(ctx: AppContext, tenant: str, dataset_id: str, sample_id: str, k: int) -> schemas.Neighbors:
-    fit, files = current_fit(ctx, tenant, dataset_id)
-    index = ctx.indexes.get(fit.id, layout.store_dir(ctx.settings.data_dir, dataset_id), files.num_chunks())
+    fit_id, files = current_fit_files(ctx, tenant, dataset_id)
+    index = ctx.indexes.get(fit_id, layout.store_dir(ctx.settings.data_dir, dataset_id), files.num_chunks())
     if sample_id not in index.row_of:
         raise NotFound("sample")
     label = str(index.labels[index.row_of[sample_id]]) or None
-    return schemas.Neighbors(fit_id=fit.id, sample_id=sample_id, label=label, neighbors=index.neighbors(sample_id, k))
+    return schemas.Neighbors(fit_id=fit_id, sample_id=sample_id, label=label, neighbors=index.neighbors(sample_id, k))
 
 
 def failures(ctx: AppContext, tenant: str, dataset_id: str, limit: int) -> schemas.Failures:
