@@ -67,3 +67,39 @@ def blobs(n: int, dim: int = 8, classes: int = 3, seed: int = 0):  # type: ignor
     features = rng.normal(size=(n, dim)).astype(np.float32)
     features[:, 0] += 3 * labels
     return features, labels
+
+
+# -- comparing the score tables of two fits (topology and container tests) ----------------------
+
+SCORE_FLOAT_COLUMNS = ("rmd", "md_class", "md_agnostic", "rmd_min")
+SCORE_EXACT_COLUMNS = ("sample_id", "label", "predicted_label")
+
+
+def job_state(client, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+    response = client.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def arrow_scores(client, dataset_id: str, num_rows: int):  # type: ignore[no-untyped-def]
+    """The dataset's whole score table (Arrow export), sorted by sample ID."""
+    import pyarrow as pa
+
+    response = client.get(f"/v1/datasets/{dataset_id}/scores", params={"format": "arrow"})
+    assert response.status_code == 200, response.text
+    table = pa.ipc.open_stream(response.content).read_all()
+    assert table.num_rows == num_rows
+    return table.sort_by("sample_id")
+
+
+def assert_same_scores(got, expected, tolerance: float) -> None:  # type: ignore[no-untyped-def]
+    """IDs, labels and predictions equal; distances within ``tolerance`` relative to each
+    column's scale (rmd crosses zero, so not element-wise relative)."""
+    import numpy as np
+
+    for column in SCORE_EXACT_COLUMNS:
+        assert got.column(column).to_pylist() == expected.column(column).to_pylist(), column
+    for column in SCORE_FLOAT_COLUMNS:
+        a = got.column(column).to_numpy(zero_copy_only=False)
+        b = expected.column(column).to_numpy(zero_copy_only=False)
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max(), err_msg=column)

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pytest
 from apiserver import free_port
 from ci import skip_unless_ci
+from conftest import arrow_scores, assert_same_scores, job_state
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -66,8 +67,6 @@ KNOBS = {
     "DIFFICULTY_HEARTBEAT_SECONDS": "2",
     "DIFFICULTY_POLL_SECONDS": "0.3",
 }
-FLOAT_COLUMNS = ("rmd", "md_class", "md_agnostic", "rmd_min")
-EXACT_COLUMNS = ("sample_id", "label", "predicted_label")
 
 
 # --- the engine and the images ----------------------------------------------------------------
@@ -231,16 +230,10 @@ def start_fit(client: httpx.Client, dataset_id: str) -> str:
     return response.json()["job_id"]
 
 
-def job(client: httpx.Client, job_id: str) -> dict:
-    response = client.get(f"/v1/jobs/{job_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def wait_succeeded(stack: Stack, client: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        state = job(client, job_id)
+        state = job_state(client, job_id)
         assert state["state"] not in ("failed", "cancelled"), f"{state}\n{stack.logs()}"
         if state["state"] == "succeeded":
             return state
@@ -249,21 +242,12 @@ def wait_succeeded(stack: Stack, client: httpx.Client, job_id: str, timeout: flo
 
 
 def scores(client: httpx.Client, dataset_id: str) -> pa.Table:
-    response = client.get(f"/v1/datasets/{dataset_id}/scores", params={"format": "arrow"})
-    assert response.status_code == 200, response.text
-    table = pa.ipc.open_stream(response.content).read_all()
-    assert table.num_rows == N_IMAGES
-    return table.sort_by("sample_id")
+    return arrow_scores(client, dataset_id, N_IMAGES)
 
 
-def assert_same_scores(got: pa.Table, expected: pa.Table) -> None:
-    for column in EXACT_COLUMNS:
-        assert got.column(column).to_pylist() == expected.column(column).to_pylist(), column
-    for column in FLOAT_COLUMNS:
-        a = got.column(column).to_numpy(zero_copy_only=False)
-        b = expected.column(column).to_numpy(zero_copy_only=False)
-        # Same image, same CPU, same chunking: the embeddings agree to float rounding.
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max(), err_msg=column)
+def same_scores(got: pa.Table, expected: pa.Table) -> None:
+    # Same image, same CPU, same chunking: the embeddings agree to float rounding.
+    assert_same_scores(got, expected, tolerance=1e-6)
 
 
 def lease_holder(stack: Stack, job_id: str) -> str:
@@ -313,7 +297,7 @@ def test_worker_killed_mid_job_then_down_up_keeps_everything(stack, client, arch
     # Wait until the job is embedding and has stored at least two chunks.
     deadline = time.monotonic() + 240
     while True:
-        state = job(client, job_id)
+        state = job_state(client, job_id)
         if state["state"] == "running" and state["stage"] == "embedding" and state["progress"]["done"] >= 2 * CHUNK_ROWS:
             break
         assert state["stage"] in (None, "embedding"), f"missed the embedding stage: {state}"
@@ -340,7 +324,7 @@ def test_worker_killed_mid_job_then_down_up_keeps_everything(stack, client, arch
     reference_job = wait_succeeded(stack, client, start_fit(client, reference))
     assert reference_job["attempts"] == 1
     killed_scores = scores(client, dataset)
-    assert_same_scores(killed_scores, scores(client, reference))
+    same_scores(killed_scores, scores(client, reference))
     # Real features of real images: the classes are far from random (10 classes: chance is 0.1).
     agreement = np.mean(np.array(killed_scores.column("predicted_label").to_pylist())
                         == np.array(killed_scores.column("label").to_pylist()))
@@ -359,5 +343,5 @@ def test_worker_killed_mid_job_then_down_up_keeps_everything(stack, client, arch
         assert after["fit"] == before["fit"] and after["num_embedded"] == N_IMAGES
         assert scores(again, dataset).equals(killed_scores)
         # The job history too (the queue lives in the pgdata volume).
-        assert job(again, job_id)["attempts"] == 2
+        assert job_state(again, job_id)["attempts"] == 2
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pytest
 import yaml
 from apiserver import database_for, running_server, running_worker
-from conftest import npy
+from conftest import arrow_scores, assert_same_scores, job_state, npy
 from sqlalchemy import Engine, create_engine, text
 
 from service.storage import layout
@@ -46,8 +46,6 @@ SERVICE_ENV = {
     "DIFFICULTY_HEARTBEAT_SECONDS": "1",
     "DIFFICULTY_POLL_SECONDS": "0.2",
 }
-FLOAT_COLUMNS = ("rmd", "md_class", "md_agnostic", "rmd_min")
-EXACT_COLUMNS = ("sample_id", "label", "predicted_label")
 
 
 # --- the topology ----------------------------------------------------------------------------
@@ -125,12 +123,6 @@ def start_fit(client: httpx.Client, dataset_id: str) -> str:
     return response.json()["job_id"]
 
 
-def job(client: httpx.Client, job_id: str) -> dict:
-    response = client.get(f"/v1/jobs/{job_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def lease_owner(engine: Engine, job_id: str) -> str | None:
     """The worker holding (or last holding) a job, from the queue table the workers share."""
     with engine.connect() as connection:
@@ -154,7 +146,7 @@ def wait_succeeded(top: Topology, job_ids: list[str], timeout: float) -> None:
     pending = set(job_ids)
     while pending:
         for job_id in list(pending):
-            state = job(top.client, job_id)
+            state = job_state(top.client, job_id)
             assert state["state"] not in ("failed", "cancelled"), f"{state}\n{top.logs()}"
             if state["state"] == "succeeded":
                 pending.discard(job_id)
@@ -163,21 +155,11 @@ def wait_succeeded(top: Topology, job_ids: list[str], timeout: float) -> None:
 
 
 def scores(client: httpx.Client, dataset_id: str) -> pa.Table:
-    response = client.get(f"/v1/datasets/{dataset_id}/scores", params={"format": "arrow"})
-    assert response.status_code == 200, response.text
-    table = pa.ipc.open_stream(response.content).read_all()
-    assert table.num_rows == N_ROWS
-    return table.sort_by("sample_id")
+    return arrow_scores(client, dataset_id, N_ROWS)
 
 
-def assert_same_scores(got: pa.Table, expected: pa.Table) -> None:
-    for column in EXACT_COLUMNS:
-        assert got.column(column).to_pylist() == expected.column(column).to_pylist(), column
-    for column in FLOAT_COLUMNS:
-        a = got.column(column).to_numpy(zero_copy_only=False)
-        b = expected.column(column).to_numpy(zero_copy_only=False)
-        # 1e-9 relative to the column's scale (rmd crosses zero, so not element-wise relative).
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max(), err_msg=column)
+def same_scores(got: pa.Table, expected: pa.Table) -> None:
+    assert_same_scores(got, expected, tolerance=1e-9)
 
 
 def container_healthchecks() -> dict[str, list[str]]:
@@ -226,7 +208,7 @@ def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
     # Both jobs run at once, one per worker; wait until job A has written a few chunks.
     deadline = time.monotonic() + 120
     while True:
-        state_a, state_b = job(client, job_a), job(client, job_b)
+        state_a, state_b = job_state(client, job_a), job_state(client, job_b)
         owner_a, owner_b = lease_owner(top.engine, job_a), lease_owner(top.engine, job_b)
         both_running = state_a["state"] == state_b["state"] == "running" and owner_a != owner_b
         if both_running and state_a["stage"] == "embedding" and state_a["progress"]["done"] >= 2 * CHUNK_ROWS:
@@ -245,7 +227,7 @@ def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
 
     # The survivor finishes its own job B, then takes A over once A's lease has expired.
     wait_succeeded(top, [job_a, job_b], timeout=240)
-    assert job(client, job_a)["attempts"] == 2 and job(client, job_b)["attempts"] == 1
+    assert job_state(client, job_a)["attempts"] == 2 and job_state(client, job_b)["attempts"] == 1
     assert owner_pid(lease_owner(top.engine, job_a)) == survivor.pid
     assert owner_pid(lease_owner(top.engine, job_b)) == survivor.pid
     assert survivor.poll() is None, "the surviving worker died:\n" + top.logs()
@@ -259,7 +241,7 @@ def test_worker_killed_mid_job_is_taken_over_with_identical_scores(topology):
     reference_b = create_dataset(client, "reference-b", data_b)
     reference_jobs = [start_fit(client, reference_a), start_fit(client, reference_b)]
     wait_succeeded(top, reference_jobs, timeout=240)
-    assert all(job(client, j)["attempts"] == 1 for j in reference_jobs)
+    assert all(job_state(client, j)["attempts"] == 1 for j in reference_jobs)
 
-    assert_same_scores(scores(client, dataset_a), scores(client, reference_a))
-    assert_same_scores(scores(client, dataset_b), scores(client, reference_b))
+    same_scores(scores(client, dataset_a), scores(client, reference_a))
+    same_scores(scores(client, dataset_b), scores(client, reference_b))
