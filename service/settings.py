@@ -95,6 +95,9 @@ class Settings:
     # kNN label agreement is exact kNN over the whole dataset: skipped above this many samples.
     knn_max_items: int = 20_000
     knn_k: int = 10
+    # The in-memory neighbour indexes (neighbour, sample and label-issue routes) together hold at
+    # most this many bytes; one fit's index larger than that is refused (413).
+    neighbor_index_max_bytes: int = 4 * 1024**3
     # New items scored synchronously per request.
     score_max_items: int = 100_000
     default_encoder: str = DEFAULT_ENCODER
@@ -169,6 +172,7 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         chunk_delay_seconds=_env_float("DIFFICULTY_CHUNK_DELAY_SECONDS", 0.0),
         knn_max_items=_env_int("DIFFICULTY_KNN_MAX_ITEMS", Settings.knn_max_items),
         knn_k=max(1, _env_int("DIFFICULTY_KNN_K", Settings.knn_k)),
+        neighbor_index_max_bytes=_env_int("DIFFICULTY_NEIGHBOR_INDEX_MAX_BYTES", Settings.neighbor_index_max_bytes),
         score_max_items=_env_int("DIFFICULTY_SCORE_MAX_ITEMS", Settings.score_max_items),
         default_encoder=os.environ.get("DIFFICULTY_DEFAULT_ENCODER") or DEFAULT_ENCODER,
         device=os.environ.get("DIFFICULTY_DEVICE") or "auto",

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from service.errors import TooLarge
 from service.statistics import normalize_features
 from service.storage.embeddings import EmbeddingStore
 
@@ -85,6 +87,27 @@ def knn_agreement(unit_features: np.ndarray, labels: np.ndarray, k: int) -> np.n
     return out
 
 
+# Bytes an index holds per row besides its feature copies: the ``row_of`` entry (key string,
+# boxed int, hash slot), measured at about 100-150 bytes for short IDs in CPython.
+ROW_OVERHEAD_BYTES = 128
+
+
+class NeighborIndexTooLarge(TooLarge):
+    """One fit's neighbour index would not fit the cache's byte budget (413 naming the setting)."""
+
+    def __init__(self, need: int, limit: int) -> None:
+        super().__init__(
+            f"the neighbour index of this fit needs more than {limit} bytes of memory (at least {need}); "
+            "the limit is DIFFICULTY_NEIGHBOR_INDEX_MAX_BYTES: ask the operator to raise it"
+        )
+        self.need, self.limit = need, limit
+
+
+def _index_bytes(features: np.ndarray, sample_ids: np.ndarray, labels: np.ndarray) -> int:
+    # The features twice: our normalised copy and the flat faiss index's own.
+    return 2 * features.nbytes + sample_ids.nbytes + labels.nbytes + ROW_OVERHEAD_BYTES * len(sample_ids)
+
+
 @dataclass
 class NeighborIndex:
     index: object
@@ -92,6 +115,11 @@ class NeighborIndex:
     labels: np.ndarray
     features: np.ndarray  # normalised float32, row-aligned with sample_ids
     row_of: dict[str, int]
+
+    @property
+    def nbytes(self) -> int:
+        """What this index holds in memory (what the cache's byte budget counts)."""
+        return _index_bytes(self.features, self.sample_ids, self.labels)
 
     def neighbors(self, sample_id: str, k: int) -> list[dict[str, object]]:
         row = self.row_of[sample_id]
@@ -113,33 +141,114 @@ class NeighborIndex:
         return out[:k]
 
 
-def load_neighbor_index(store: EmbeddingStore, num_chunks: int) -> NeighborIndex:
-    """Index over the first ``num_chunks`` chunks of the store (the fit's snapshot)."""
-    sample_ids, labels, features = read_unit_features(store, num_chunks)
+def load_neighbor_index(store: EmbeddingStore, num_chunks: int, max_bytes: int | None = None) -> NeighborIndex:
+    """Index over the first ``num_chunks`` chunks of the store (the fit's snapshot).
+
+    With ``max_bytes``, refused (:class:`NeighborIndexTooLarge`) as soon as the chunks read so
+    far need more: chunk by chunk rather than through ``read_unit_features``, so a refused index
+    costs at most the budget plus one chunk, never the whole matrix."""
+    ids, labels, feats = [], [], []
+    need = 0
+    for chunk_index in store.chunk_indices()[:num_chunks]:
+        chunk = store.read_chunk(chunk_index)
+        unit = np.asarray(normalize_features(chunk.features), dtype=np.float32)
+        need += _index_bytes(unit, chunk.sample_ids, chunk.labels)
+        if max_bytes is not None and need > max_bytes:
+            raise NeighborIndexTooLarge(need, max_bytes)
+        ids.append(chunk.sample_ids)
+        labels.append(chunk.labels)
+        feats.append(unit)
+    if not feats:
+        raise ValueError("the dataset has no embedded samples")
+    sample_ids, all_labels, features = np.concatenate(ids), np.concatenate(labels), np.concatenate(feats)
+    del ids, labels, feats
     return NeighborIndex(
         build_index(features),
         sample_ids,
-        labels,
+        all_labels,
         features,
         {str(s): i for i, s in enumerate(sample_ids.tolist())},
     )
 
 
-class IndexCache:
-    """A few indexes kept in memory, keyed by fit (each costs about one copy of the matrix)."""
+# Builds one fit's index: (store folder, chunks of the fit, byte budget) -> index.
+IndexBuilder = Callable[[Path, int, int], NeighborIndex]
 
-    def __init__(self, size: int = 2) -> None:
-        self.size = size
+
+def _build_from_store(store_dir: Path, num_chunks: int, max_bytes: int) -> NeighborIndex:
+    return load_neighbor_index(EmbeddingStore(store_dir), num_chunks, max_bytes=max_bytes)
+
+
+class _Build:
+    """One index being built: later requests for the same key wait for it instead of building."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: NeighborIndex | None = None
+        self.error: BaseException | None = None
+
+    def wait(self) -> NeighborIndex:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class IndexCache:
+    """Neighbour indexes kept in memory per fit, within a total byte budget (least recently
+    used evicted first).
+
+    The lock guards only the bookkeeping, never a build: requests for different fits build in
+    parallel; concurrent requests for one fit share a single build (and its error). An index
+    larger than the whole budget is refused, never cached. Indexes being built are not counted
+    until they are done (as many as requests in flight, each refused past the budget)."""
+
+    def __init__(self, max_bytes: int, builder: IndexBuilder = _build_from_store) -> None:
+        self.max_bytes = max_bytes
+        self._builder = builder
         self._items: OrderedDict[str, NeighborIndex] = OrderedDict()
+        self._building: dict[str, _Build] = {}
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(item.nbytes for item in self._items.values())
+
+    def keys(self) -> list[str]:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
 
     def get(self, key: str, store_dir: Path, num_chunks: int) -> NeighborIndex:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-            built = load_neighbor_index(EmbeddingStore(store_dir), num_chunks)
+            build = self._building.get(key)
+            owner = build is None
+            if build is None:
+                build = self._building[key] = _Build()
+        if not owner:
+            return build.wait()
+        try:
+            built = self._builder(store_dir, num_chunks, self.max_bytes)
+            if built.nbytes > self.max_bytes:
+                raise NeighborIndexTooLarge(built.nbytes, self.max_bytes)
+        except BaseException as exc:
+            build.error = exc
+            with self._lock:
+                del self._building[key]
+            build.done.set()
+            raise
+        with self._lock:
             self._items[key] = built
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-            return built
+            del self._building[key]
+            total = sum(item.nbytes for item in self._items.values())
+            while total > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)  # never the new one: it fits alone
+                total -= evicted.nbytes
+        build.result = built
+        build.done.set()
+        return built

@@ -21,12 +21,15 @@ MODELS_KEPT = 8
 class AppContext:
     settings: Settings
     db: sessionmaker
-    indexes: IndexCache = field(default_factory=IndexCache)
+    indexes: IndexCache = field(init=False)  # sized by the settings (__post_init__)
     _models: OrderedDict[str, GaussianModel] = field(default_factory=OrderedDict)
     _encoders: dict[str, Any] = field(default_factory=dict)
     _upload_locks: dict[str, threading.Lock] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _encoder_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.indexes = IndexCache(self.settings.neighbor_index_max_bytes)
 
     def upload_lock(self, dataset_id: str) -> threading.Lock:
         # Serialises uploads to one dataset in this process (duplicate-ID checks, encoder switch).
