@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,13 +71,35 @@ def _claimable(now: float):  # type: ignore[no-untyped-def]
     return or_(Job.state == JobState.QUEUED, and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now))
 
 
+def _claim_order(now: float):  # type: ignore[no-untyped-def]
+    """Claimable job IDs, fairest first: the tenant with the fewest running jobs (live leases),
+    then the oldest waiting job. One tenant's long queue cannot starve another's single fit:
+    with one job running for A and none for B, B's job goes next whatever their ages."""
+    running = (
+        select(Job.tenant.label("tenant"), func.count().label("n"))
+        .where(Job.state == JobState.RUNNING, Job.lease_expires_at >= now)
+        .group_by(Job.tenant)
+        .subquery()
+    )
+    return (
+        select(Job.id)
+        .outerjoin(running, running.c.tenant == Job.tenant)
+        .where(_claimable(now))
+        .order_by(func.coalesce(running.c.n, 0), Job.created_at, Job.id)
+    )
+
+
 def claim(db: sessionmaker, owner: str, lease_seconds: float) -> Job | None:
-    """Take the oldest queued job, or a running one whose lease expired; None if there is none."""
+    """Take the next job in fair order (``_claim_order``): a queued one, or a running one whose
+    lease expired; None if there is none.
+
+    One short transaction: read a few candidates, then a compare-and-set UPDATE on each until
+    one matches (another worker may have taken it between the read and the UPDATE), commit.
+    Fairness between concurrent workers is best effort (two may both pick the same tenant);
+    exclusivity is not: the UPDATE's condition decides."""
     with db() as session:
         now = time.time()
-        candidates = session.scalars(
-            select(Job.id).where(_claimable(now)).order_by(Job.created_at).limit(8)
-        ).all()
+        candidates = session.scalars(_claim_order(now).limit(8)).all()
         for job_id in candidates:
             result = session.execute(
                 update(Job)
@@ -88,15 +110,13 @@ def claim(db: sessionmaker, owner: str, lease_seconds: float) -> Job | None:
                     lease_expires_at=now + lease_seconds,
                     heartbeat_at=now,
                     attempts=Job.attempts + 1,
+                    started_at=func.coalesce(Job.started_at, utcnow()),
                 )
             )
-            session.commit()
             if result.rowcount == 1:
-                job = session.get(Job, job_id)
-                if job is not None and job.started_at is None:
-                    job.started_at = utcnow()
-                    session.commit()
-                return job
+                session.commit()
+                return session.get(Job, job_id)
+        session.rollback()
     return None
 
 
@@ -175,7 +195,5 @@ def request_cancel(session: Session, job_id: str) -> bool:
 
 
 def counts_by_state(session: Session) -> dict[str, int]:
-    from sqlalchemy import func
-
     rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
     return {state: int(n) for state, n in rows}
