@@ -10,10 +10,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from conftest import blobs, make_settings, wait_for_job
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.domain import JobStage
+from service.jobs import fit as fit_job
+from service.jobs import queue
+from service.jobs.context import JobContext, JobStopped
 
 
 def _slow_dataset(c: TestClient, n: int) -> str:
@@ -64,3 +69,51 @@ def test_job_without_progress_is_stopped_as_stuck(tmp_path):
         job = wait_for_job(c, c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"], timeout=60)
         assert job["state"] == "failed", job
         assert "DIFFICULTY_JOB_STALL_SECONDS" in job["error"] and "did not stop when asked" in job["error"], job
+
+
+# -- cancellation inside a stage ----------------------------------------------------------------
+
+
+class _CancelWhileScoring(JobContext):
+    """A job context that, once the scoring stage has reported ``after`` chunks, asks for the
+    job to stop: as the API's cancel (the job's row) or as the heartbeat's run-time limit (the
+    context's flag). Counts the scoring progress reports."""
+
+    def __init__(self, job_id: str, owner: str, db, *, after: int, via: str) -> None:
+        super().__init__(job_id, owner)
+        self.db, self.after, self.via = db, after, via
+        self.scoring_reports = 0
+
+    def progress(self, done: int, total: int | None = None) -> None:
+        super().progress(done, total)
+        if self.stage != JobStage.SCORING:
+            return
+        self.scoring_reports += 1
+        if self.scoring_reports == self.after:
+            if self.via == "cancel":
+                with self.db() as session:
+                    assert queue.request_cancel(session, self.job_id)
+                    session.commit()
+            else:
+                self.cancel_requested = True  # what the heartbeat sets past DIFFICULTY_MAX_JOB_SECONDS
+
+
+@pytest.mark.parametrize("via", ["cancel", "run-time limit"])
+def test_a_fit_is_stopped_inside_its_scoring_stage(tmp_path, monkeypatch, via):
+    """60 chunks of 10 rows; the stop comes after the 3rd scored chunk. Before, the scoring loop
+    ran to its end (the stop was seen only between stages): here it stops at that chunk's report,
+    and no fit is published. No timing: the poll interval is 0 and the assertions count chunks."""
+    monkeypatch.setattr(fit_job, "STOP_POLL_SECONDS", 0.0)
+    settings = make_settings(tmp_path / "data", chunk_rows=10)
+    with TestClient(create_app(settings, run_worker=False)) as c:
+        dataset_id = _slow_dataset(c, 600)
+        job_id = c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"]
+        db = c.app.state.ctx.db
+        job = queue.claim(db, "test-worker", lease_seconds=60)
+        assert job is not None and job.id == job_id
+        ctx = _CancelWhileScoring(job_id, "test-worker", db, after=3, via=via)
+        with pytest.raises(JobStopped):
+            fit_job.run_fit_job(job, ctx, settings, db)
+        assert ctx.stage == JobStage.SCORING
+        assert ctx.scoring_reports == 3  # stopped at the chunk that saw the request, of 60
+        assert not (tmp_path / "data" / "datasets" / dataset_id / "fits").exists()

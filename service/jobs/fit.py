@@ -35,6 +35,43 @@ if TYPE_CHECKING:  # the image pipeline (torch) is imported only by jobs that em
 
 log = logging.getLogger(__name__)
 
+# How often a fit stage's progress report reads the job's row for a cancel request.
+STOP_POLL_SECONDS = 1.0
+
+
+class FitStages:
+    """The job's :class:`~service.pipeline.fit_dataset.Stages`: progress goes to the job's
+    context (published by the heartbeat), and every ``progress()`` call also honours a stop, so a
+    cancel or the run-time limit (both flags on the context, set by the heartbeat) ends the fit at
+    the next chunk of a stage, not only between stages. The row is read here too, at most every
+    STOP_POLL_SECONDS, so a cancel is seen even while the heartbeat has not run."""
+
+    def __init__(self, ctx: JobContext, db: sessionmaker) -> None:
+        self.ctx = ctx
+        self.db = db
+        self._polled = float("-inf")
+
+    def set_stage(self, stage: JobStage, total: int | None) -> None:
+        self.ctx.set_stage(stage, total)
+
+    def progress(self, done: int, total: int | None = None) -> None:
+        self.ctx.progress(done, total)
+        self.check()
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self._polled >= STOP_POLL_SECONDS:
+            self._polled = now
+            try:
+                owned, cancel = queue.stop_requested(self.db, self.ctx.job_id, self.ctx.owner)
+            except Exception:  # the database may be briefly unreachable: the heartbeat decides
+                log.warning("job %s: could not read its stop request", self.ctx.job_id, exc_info=True)
+            else:
+                self.ctx.lease_lost = self.ctx.lease_lost or not owned
+                self.ctx.cancel_requested = self.ctx.cancel_requested or cancel
+        self.ctx.check()
+
+
 
 def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker) -> dict[str, Any]:
     with db() as session:
@@ -64,7 +101,7 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
     if not store.chunk_indices():
         raise JobFailed("the dataset has no items: upload an archive or embeddings first")
     try:
-        outcome = fit_and_score(store, fit_settings, ctx)
+        outcome = fit_and_score(store, fit_settings, FitStages(ctx, db))
     except FitError as exc:
         raise JobFailed(str(exc)) from None
     except ValueError as exc:

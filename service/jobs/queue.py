@@ -146,6 +146,17 @@ def heartbeat(
     return result.rowcount == 1, bool(cancel)
 
 
+def stop_requested(db: sessionmaker, job_id: str, owner: str) -> tuple[bool, bool]:
+    """(still owned, cancel requested): a read, for a job that checks between its heartbeats."""
+    with db() as session:
+        row = session.execute(
+            select(Job.state, Job.lease_owner, Job.cancel_requested).where(Job.id == job_id)
+        ).first()
+    if row is None:
+        return False, False
+    return row.state == JobState.RUNNING and row.lease_owner == owner, bool(row.cancel_requested)
+
+
 def finish(
     db: sessionmaker,
     job_id: str,
