@@ -135,6 +135,9 @@ class Settings:
     body_idle_seconds: float = 300.0
     # /metrics without an API key when keys are set (a scraper on a private network).
     metrics_public: bool = False
+    # Superseded fits kept besides the current one (their folders and rows); older ones are
+    # deleted when a new fit is recorded. 0 keeps only the current fit.
+    keep_fits: int = 2
 
     @property
     def auth_enabled(self) -> bool:
@@ -196,6 +199,7 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         max_uploads_per_tenant=_env_int("DIFFICULTY_MAX_UPLOADS_PER_TENANT", Settings.max_uploads_per_tenant),
         body_idle_seconds=_env_float("DIFFICULTY_BODY_IDLE_SECONDS", Settings.body_idle_seconds),
         metrics_public=_env_int("DIFFICULTY_METRICS_PUBLIC", 0) != 0,
+        keep_fits=max(0, _env_int("DIFFICULTY_KEEP_FITS", Settings.keep_fits)),
     )
 
 

@@ -26,7 +26,7 @@ from service.statistics import FitError
 from service.storage import layout
 from service.storage.database import Dataset, Fit, Job, Upload, new_id, utcnow
 from service.storage.embeddings import EmbeddingStore
-from service.storage.fits import FitFiles
+from service.storage.fits import FitFiles, remove_fits, retire_superseded
 from service.storage.scores import class_summary
 from service.storage.uploads import UploadFiles
 
@@ -147,6 +147,7 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
             )
         )
         dataset.current_fit_id = fit_id
+        retired = retire_superseded(session, dataset.id, fit_id, settings.keep_fits)
         final = ctx.snapshot()
         final.update(stage=JobStage.DONE, done=num_scored, total=num_scored, eta_seconds=0)
         owned = queue.finish(
@@ -158,6 +159,7 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
             ctx.lease_lost = True
             ctx.check()
         session.commit()
+    remove_fits(settings.data_dir, job.dataset_id, retired)  # rows gone: a crash here leaves orphans
     return result
 
 

@@ -8,7 +8,10 @@
                      fits published before the map existed have none)
 
 A fit folder is written completely before the database names it as the dataset's current fit,
-so readers never see a partial one.
+so readers never see a partial one. Retention (``retire_superseded``): when a new fit is recorded,
+fits older than the current one and the ``keep`` before it lose their rows in the same
+transaction and their folders after the commit (a crash in between leaves folders without rows,
+which the start-up sweep collects).
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from service.storage import layout
+from service.storage.database import Fit
 from service.storage.files import atomic_savez, atomic_write, atomic_write_bytes, load_npz
 from service.storage.scores import write_score_files
 
@@ -81,3 +87,23 @@ class FitFiles:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def retire_superseded(session: Session, dataset_id: str, current_fit_id: str, keep: int) -> list[str]:
+    """Delete the rows of the dataset's fits beyond the current one and the ``keep`` newest
+    before it (``DIFFICULTY_KEEP_FITS``); returns their IDs. Joins the caller's transaction: the
+    caller commits, then removes the folders (``remove_fits``). Kept fits stay readable by a
+    request that looked up the current fit just before the new one was recorded."""
+    ids = session.scalars(
+        select(Fit.id).where(Fit.dataset_id == dataset_id).order_by(Fit.created_at.desc(), Fit.id.desc())
+    ).all()
+    kept = {current_fit_id, *[i for i in ids if i != current_fit_id][: max(keep, 0)]}
+    old = [i for i in ids if i not in kept]
+    if old:
+        session.execute(delete(Fit).where(Fit.id.in_(old)))
+    return old
+
+
+def remove_fits(data_dir: Path, dataset_id: str, fit_ids: list[str]) -> None:
+    for fit_id in fit_ids:
+        FitFiles.of(data_dir, dataset_id, fit_id).remove()
