@@ -138,6 +138,9 @@ class Settings:
     # Superseded fits kept besides the current one (their folders and rows); older ones are
     # deleted when a new fit is recorded. 0 keeps only the current fit.
     keep_fits: int = 2
+    # A folder without a database row (a crash between rename and commit) is removed at start-up
+    # once nothing in it changed for this long (an upload or fit being committed is never taken).
+    orphan_grace_seconds: float = 3600.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -200,6 +203,7 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         body_idle_seconds=_env_float("DIFFICULTY_BODY_IDLE_SECONDS", Settings.body_idle_seconds),
         metrics_public=_env_int("DIFFICULTY_METRICS_PUBLIC", 0) != 0,
         keep_fits=max(0, _env_int("DIFFICULTY_KEEP_FITS", Settings.keep_fits)),
+        orphan_grace_seconds=_env_float("DIFFICULTY_ORPHAN_GRACE_SECONDS", Settings.orphan_grace_seconds),
     )
 
 

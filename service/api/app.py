@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
+import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,11 +14,11 @@ from service.api.limits import RequestLimits
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routers import datasets, health, jobs, samples, ui
 from service.settings import Settings
-from service.storage import layout
 from service.storage.database import open_database
+from service.storage.sweep import sweep
 from service.usecases.context import AppContext
 
-STALE_SPOOL_SECONDS = 24 * 3600
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
@@ -31,8 +30,11 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_spools(settings)
         db = open_database(settings)
+        try:  # what a crash left without a row: housekeeping, never a reason not to start
+            sweep(settings.data_dir, db, grace_seconds=settings.orphan_grace_seconds)
+        except Exception:
+            log.exception("start-up sweep failed")
         app.state.ctx = AppContext(settings=settings, db=db)
         metrics.attach_database(db)
         worker = None
@@ -87,14 +89,3 @@ def _document_auth(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _remove_stale_spools(settings: Settings) -> None:
-    # Spool folders of uploads cut off by a crash; recent ones may belong to another process.
-    now = time.time()
-    for path in layout.spool_dirs(settings.data_dir):
-        try:
-            if now - path.stat().st_mtime > STALE_SPOOL_SECONDS:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass

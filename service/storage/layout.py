@@ -56,6 +56,28 @@ def dataset_dir(data_dir: Path, dataset_id: str) -> Path:
     return datasets_dir(data_dir) / _checked(dataset_id)
 
 
+def _id_folders(folder: Path) -> list[str]:
+    # Folder names that are IDs of this service; anything else there is not ours to judge.
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and _ID.match(p.name))
+
+
+def dataset_ids(data_dir: Path) -> list[str]:
+    """The dataset folders on disk (the start-up sweep compares them with the database)."""
+    return _id_folders(datasets_dir(data_dir))
+
+
+def upload_folders(data_dir: Path, dataset_id: str) -> list[str]:
+    """A dataset's upload folders on disk, as recorded with their uploads (``uploads/<id>``)."""
+    return [new_upload_folder(i) for i in _id_folders(dataset_dir(data_dir, dataset_id) / "uploads")]
+
+
+def fit_ids(data_dir: Path, dataset_id: str) -> list[str]:
+    """A dataset's fit folders on disk."""
+    return _id_folders(dataset_dir(data_dir, dataset_id) / "fits")
+
+
 def new_upload_folder(upload_id: str) -> str:
     """An upload's folder relative to its dataset's (recorded with the upload)."""
     return f"uploads/{_checked(upload_id)}"
