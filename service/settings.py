@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,25 +24,45 @@ class SettingsError(ValueError):  # a start-up error of the operator, not a requ
     """A setting is malformed; the message names the variable and the expected form."""
 
 
+# API keys are compared in constant time but can still be guessed when short.
+MIN_API_KEY_LENGTH = 16
+# A named tenant: what may stand before the one ':' of a 'tenant:key' entry.
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MAKE_KEY = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
 def parse_api_keys(raw: str | None) -> dict[str, str]:
     """``DIFFICULTY_API_KEYS`` -> {key: tenant}.
 
     Comma-separated entries, each ``tenant:key`` (the tenant is named) or a bare ``key`` (the
-    tenant is a digest of the key, so the key itself is never written to the database).
+    tenant is a digest of the key, so the key itself is never written to the database). The
+    format rule: a key never contains ':' or ','; an entry with one ':' is ``tenant:key`` with a
+    tenant name (letters, digits, '.', '_', '-'; at most 64). Anything else (two ':', a bare key
+    with a ':' whose left part is no tenant name) is a start-up error rather than a silent split;
+    so is a key shorter than MIN_API_KEY_LENGTH. Messages name the entry by position and never
+    echo a key.
     """
     keys: dict[str, str] = {}
-    for entry in (raw or "").split(","):
-        entry = entry.strip()
+    entries = [e.strip() for e in (raw or "").split(",")]
+    for number, entry in enumerate(entries, start=1):
         if not entry:
             continue
-        tenant, sep, key = entry.partition(":")
+        where = f"DIFFICULTY_API_KEYS entry {number}"
+        if entry.count(":") > 1:
+            raise SettingsError(f"{where} has more than one ':': write 'tenant:key' or a bare key; "
+                                "a key must not contain ':'")
+        tenant, sep, key = (part.strip() for part in entry.partition(":"))
         if not sep:
             key, tenant = entry, "key-" + hashlib.sha256(entry.encode()).hexdigest()[:12]
-        tenant, key = tenant.strip(), key.strip()
-        if not tenant or not key:
-            raise SettingsError(
-                f"DIFFICULTY_API_KEYS entry {entry!r} is malformed: use 'tenant:key' or 'key'"
-            )
+        elif not TENANT_NAME.match(tenant):
+            raise SettingsError(f"{where}: the part before ':' is not a tenant name (letters, digits, '.', '_', "
+                                "'-'; at most 64): write 'tenant:key'; a bare key must not contain ':'")
+        if not key:
+            raise SettingsError(f"{where} is malformed: use 'tenant:key' or 'key'")
+        if len(key) < MIN_API_KEY_LENGTH:
+            owner = f" (tenant {tenant!r})" if sep else ""
+            raise SettingsError(f"{where}{owner}: the key has {len(key)} characters; API keys need at least "
+                                f"{MIN_API_KEY_LENGTH} (make one with: {_MAKE_KEY})")
         if key in keys and keys[key] != tenant:
             raise SettingsError("DIFFICULTY_API_KEYS gives the same key to two tenants")
         keys[key] = tenant

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 
-KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key"}
+KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key-01"}
 SCORE_FIELDS = {"sample_id", "label", "rmd", "md_class", "md_agnostic", "rmd_min", "predicted_label"}
 
 

@@ -5,18 +5,48 @@ from __future__ import annotations
 import pytest
 
 from service.api.server import choose_host
-from service.settings import SettingsError, load_settings, parse_api_keys
+from service.settings import MIN_API_KEY_LENGTH, SettingsError, load_settings, parse_api_keys
+
+K1, K2, K3 = "alice-key-0123456789", "bob-key-0123456789ab", "bare-key-0123456789abc"
 
 
 def test_api_keys_name_tenants_or_derive_them():
-    keys = parse_api_keys("alice:k1, bob:k2,k3")
-    assert keys["k1"] == "alice" and keys["k2"] == "bob"
-    assert keys["k3"].startswith("key-") and "k3" not in keys["k3"]
+    keys = parse_api_keys(f"alice:{K1}, bob:{K2},{K3}")
+    assert keys[K1] == "alice" and keys[K2] == "bob"
+    assert keys[K3].startswith("key-") and K3 not in keys[K3]
     assert parse_api_keys("") == {} and parse_api_keys(None) == {}
     with pytest.raises(SettingsError):
         parse_api_keys("alice:")
     with pytest.raises(SettingsError):
-        parse_api_keys("a:same,b:same")
+        parse_api_keys(f"a:{K1},b:{K1}")
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        # Before: accepted (a 2-character key for alice, a 3-character bare key).
+        ("alice:k1", f"at least {MIN_API_KEY_LENGTH}"),
+        ("k3y", f"at least {MIN_API_KEY_LENGTH}"),
+        (f"alice:{K1}, bob:short", "entry 2 (tenant 'bob')"),
+        # A bare key with ':' was split into a tenant and a shorter key; refused instead.
+        ("correct:horse:battery-staple-0123", "more than one ':'"),
+        ("s3cr3t/pass+word==:horse-battery-staple", "not a tenant name"),
+        (":horse-battery-staple-0123", "not a tenant name"),
+    ],
+)
+def test_short_or_ambiguous_api_keys_are_start_up_errors(raw, says, monkeypatch, tmp_path):
+    with pytest.raises(SettingsError) as error:
+        parse_api_keys(raw)
+    assert says in str(error.value) and "DIFFICULTY_API_KEYS" in str(error.value)
+    # No part of a key is echoed into the operator's logs.
+    for part in raw.replace(":", ",").split(","):
+        if len(part.strip()) > 6 and part.strip() not in ("alice", "bob"):
+            assert part.strip() not in str(error.value)
+    # The server and the workers refuse to start with it.
+    monkeypatch.setenv("DIFFICULTY_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DIFFICULTY_API_KEYS", raw)
+    with pytest.raises(SettingsError):
+        load_settings()
 
 
 def test_without_keys_the_server_binds_loopback_only():

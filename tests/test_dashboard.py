@@ -29,7 +29,7 @@ from ci import skip_unless_ci
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-KEYS = {"alice": "key-alice", "bob": "key-bob"}
+KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789ab"}
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 TIMEOUT_MS = 30_000
 

@@ -364,7 +364,7 @@ def render(docker_compose: list[str], files: list[Path], env: dict[str, str]) ->
                           capture_output=True, text=True)
 
 
-SECRETS = {"DIFFICULTY_API_KEYS": "team:k3y", "POSTGRES_PASSWORD": "pw_1"}
+SECRETS = {"DIFFICULTY_API_KEYS": "team:k3y-0123456789abcdef", "POSTGRES_PASSWORD": "pw_1"}
 
 
 def test_compose_renders_with_docker_compose(docker_compose):
@@ -375,7 +375,7 @@ def test_compose_renders_with_docker_compose(docker_compose):
     assert {v["name"] for v in config["volumes"].values()} == {
         "sample-difficulty_data", "sample-difficulty_weights", "sample-difficulty_pgdata"}
     api, worker = config["services"]["api"], config["services"]["worker"]
-    assert api["environment"]["DIFFICULTY_API_KEYS"] == "team:k3y"
+    assert api["environment"]["DIFFICULTY_API_KEYS"] == "team:k3y-0123456789abcdef"
     assert worker["environment"]["DIFFICULTY_DATABASE_URL"] == (
         "postgresql+psycopg2://difficulty:pw_1@postgres:5432/difficulty")
     assert Path(api["build"]["context"]) == ROOT

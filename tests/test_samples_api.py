@@ -22,9 +22,9 @@ from PIL import Image
 
 from service.storage.thumbnails import ThumbnailStore
 
-KEYS = {"alice": "key-alice", "bob": "key-bob"}
-ALICE = {"Authorization": "Bearer key-alice"}
-BOB = {"Authorization": "Bearer key-bob"}
+KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789ab"}
+ALICE = {"Authorization": f"Bearer {KEYS['alice']}"}
+BOB = {"Authorization": f"Bearer {KEYS['bob']}"}
 
 
 def _zip(root: Path) -> bytes:

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 from apiserver import running_server, wait_for_job
 
-KEYS = {"fuzz": "fuzz-key"}
+KEYS = {"fuzz": "fuzz-key-0123456789"}
 
 
 def test_no_server_errors_under_schemathesis(tmp_path):

@@ -24,7 +24,7 @@ from trainer.client import (
 )
 from trainer.fmnist import load_fashion_mnist
 
-KEY = "e2e-key"
+KEY = "e2e-key-0123456789"
 METRICS = (
     "accuracy", "nll", "brier", "ece", "adaptive_ece", "aurc", "eaurc",
     "misclassification_auroc", "ood_auroc", "fpr_at_95_tpr",
