@@ -432,3 +432,27 @@ def test_compose_ray_profile(compose):
     env = services["worker"]["environment"]
     assert env["DIFFICULTY_EXECUTOR"] == "${DIFFICULTY_EXECUTOR:-local}"
     assert "RAY_ADDRESS" in env
+
+
+# --- dependency floors --------------------------------------------------------------------------
+
+# Floors at or above the releases that fixed the advisories known here (docs/security.md): pillow 10.3.0 fixed
+# CVE-2024-28219 and 13.0.0 the decoder overflows published for 12.3.0; python-multipart 0.0.18
+# fixed CVE-2024-53981 and 0.0.32 the 2026 header/querystring/Content-Length issues.
+SECURITY_FLOORS = {"pillow": "13.0.0", "python-multipart": "0.0.32"}
+
+
+def test_dependency_floors_exclude_releases_with_known_advisories():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    declared = {Requirement(r).name.lower(): Requirement(r)
+                for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for name, floor in SECURITY_FLOORS.items():
+        requirement = declared[name]
+        lows = [Version(spec.version) for spec in requirement.specifier if spec.operator in (">=", "==", "~=")]
+        assert lows and max(lows) >= Version(floor), f"{requirement} admits releases below {floor}"
+        # The environment the tests run in meets the floor (no reinstall is implied).
+        assert requirement.specifier.contains(version(name)), f"installed {name} {version(name)} misses {requirement}"
