@@ -432,6 +432,26 @@ def test_compose_ray_profile(compose):
     env = services["worker"]["environment"]
     assert env["DIFFICULTY_EXECUTOR"] == "${DIFFICULTY_EXECUTOR:-local}"
     assert "RAY_ADDRESS" in env
+    # Token auth on every Ray process and the job workers that drive them (before: none, and the
+    # dashboard/job API followed RAY_BIND onto the network).
+    for name in ("ray-head", "ray-worker"):
+        assert services[name]["environment"]["RAY_AUTH_MODE"] == "token", name
+        assert services[name]["environment"]["RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:-}", name
+    assert env["RAY_AUTH_MODE"] == "${RAY_AUTH_MODE:-token}" and env["RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:-}"
+    dashboard = [p for p in services["ray-head"]["ports"] if p.endswith(":8265")]
+    assert dashboard == ["127.0.0.1:8265:8265"], "the dashboard/job API is published on loopback only"
+
+
+def test_compose_ray_profile_renders_with_token_auth(docker_compose):
+    result = render(docker_compose, [COMPOSE], {**SECRETS, "RAY_AUTH_TOKEN": "t0ken", "RAY_BIND": "0.0.0.0",
+                                                  "COMPOSE_PROFILES": "ray"})
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    for name in ("ray-head", "ray-worker", "worker"):
+        assert services[name]["environment"]["RAY_AUTH_MODE"] == "token", name
+        assert services[name]["environment"]["RAY_AUTH_TOKEN"] == "t0ken", name
+    published = {p["target"]: p["host_ip"] for p in services["ray-head"]["ports"]}
+    assert published == {6379: "0.0.0.0", 8265: "127.0.0.1"}
 
 
 # --- dependency floors --------------------------------------------------------------------------
