@@ -162,6 +162,12 @@ class Settings:
     # A folder without a database row (a crash between rename and commit) is removed at start-up
     # once nothing in it changed for this long (an upload or fit being committed is never taken).
     orphan_grace_seconds: float = 3600.0
+    # The HTTP server (`difficulty serve`, uvicorn): connections at once (more: 503), seconds an
+    # idle keep-alive connection is held, and the request line plus headers in bytes (more: 400,
+    # connection closed; h11, whose limit holds, rather than httptools, which buffered 61 MiB).
+    http_max_connections: int = 1000
+    http_keep_alive_seconds: int = 5
+    http_max_header_bytes: int = 64 * 1024
 
     @property
     def auth_enabled(self) -> bool:
@@ -225,6 +231,9 @@ def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:
         metrics_public=_env_int("DIFFICULTY_METRICS_PUBLIC", 0) != 0,
         keep_fits=max(0, _env_int("DIFFICULTY_KEEP_FITS", Settings.keep_fits)),
         orphan_grace_seconds=_env_float("DIFFICULTY_ORPHAN_GRACE_SECONDS", Settings.orphan_grace_seconds),
+        http_max_connections=max(1, _env_int("DIFFICULTY_HTTP_MAX_CONNECTIONS", Settings.http_max_connections)),
+        http_keep_alive_seconds=max(1, _env_int("DIFFICULTY_HTTP_KEEP_ALIVE_SECONDS", Settings.http_keep_alive_seconds)),
+        http_max_header_bytes=max(4096, _env_int("DIFFICULTY_HTTP_MAX_HEADER_BYTES", Settings.http_max_header_bytes)),
     )
 
 

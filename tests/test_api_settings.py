@@ -67,3 +67,16 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFICULTY_LEASE_SECONDS", "soon")
     with pytest.raises(SettingsError):
         load_settings()
+
+
+def test_http_server_limits_come_from_settings(monkeypatch, tmp_path):
+    from service.api.server import uvicorn_limits
+
+    monkeypatch.setenv("DIFFICULTY_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DIFFICULTY_HTTP_MAX_CONNECTIONS", "50")
+    monkeypatch.setenv("DIFFICULTY_HTTP_KEEP_ALIVE_SECONDS", "2")
+    monkeypatch.setenv("DIFFICULTY_HTTP_MAX_HEADER_BYTES", "32768")
+    limits = uvicorn_limits(load_settings())
+    # h11: the parser whose header limit holds (tests/test_hostile_requests.py attacks it).
+    assert limits == {"http": "h11", "h11_max_incomplete_event_size": 32768, "limit_concurrency": 50,
+                      "timeout_keep_alive": 2}

@@ -225,3 +225,38 @@ def test_metrics_need_a_key_when_keys_are_set(keyed):
     assert httpx.get(url + "/metrics").status_code == 401
     assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEYS['alice']}"}).status_code == 200
     assert httpx.get(url + "/healthz").status_code == 200  # probes stay open
+
+
+def send_headers(url: str, total: int) -> tuple[bytes, int]:
+    """Send a request line and ``total`` bytes of headers in 16 KiB lines, never ending them,
+    stopping as soon as the server answers or closes. -> (what it answered, bytes sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    line = b"X-Padding: " + b"a" * (16 * 1024 - 13) + b"\r\n"
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n".encode())
+        try:
+            while sent < total:
+                readable, _, _ = select.select([sock], [], [], 0)
+                if readable:
+                    break
+                sock.sendall(line)
+                sent += len(line)
+            sock.settimeout(10)
+            return sock.recv(4096), sent
+        except (ConnectionResetError, BrokenPipeError):
+            return b"", sent
+
+
+def test_oversized_headers_are_refused_and_not_buffered(keyed):
+    """64 MiB of headers on one connection. Before (uvicorn's httptools parser, no header limit):
+    all of it was buffered without an answer, +62 MiB peak RSS; now the h11 parser refuses past
+    DIFFICULTY_HTTP_MAX_HEADER_BYTES (64 KiB) with a 400 and closes the connection."""
+    url, pid = keyed
+    before = peak_rss_kib(pid)
+    answer, sent = send_headers(url, 64 * 1024 * 1024)
+    assert sent < 64 * 1024 * 1024, "the server read every header byte"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    grown = peak_rss_kib(pid) - before
+    assert grown < RSS_BUDGET_KIB, f"server peak RSS grew by {grown} KiB (budget {RSS_BUDGET_KIB} KiB)"
+    assert httpx.get(url + "/healthz").status_code == 200

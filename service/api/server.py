@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
-from service.settings import SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -45,8 +46,20 @@ def serve_command(args: argparse.Namespace) -> int:
         flush=True,
     )
     app = create_app(settings, run_worker=not args.no_worker)
-    # Bounded connections: past the limit uvicorn answers 503 instead of queueing without end,
-    # and idle keep-alive connections are closed after 5 s (uvicorn's default, stated here).
-    uvicorn.run(app, host=host, port=args.port, log_level="info", access_log=False,
-                limit_concurrency=1000, timeout_keep_alive=5)
+    uvicorn.run(app, host=host, port=args.port, log_level="info", access_log=False, **uvicorn_limits(settings))
     return 0
+
+
+def uvicorn_limits(settings: Settings) -> dict[str, Any]:
+    """The HTTP server's own limits (docs/security.md). Past ``limit_concurrency`` uvicorn
+    answers 503 instead of queueing without end; idle keep-alive connections are closed after
+    ``timeout_keep_alive``. The h11 parser is chosen on purpose: it refuses a request line and
+    headers over ``h11_max_incomplete_event_size`` (400, connection closed), while httptools
+    (uvicorn's choice when installed) has no such limit: it buffered 61 MiB of headers from one
+    connection without answering (+62 MiB peak RSS)."""
+    return {
+        "http": "h11",
+        "h11_max_incomplete_event_size": settings.http_max_header_bytes,
+        "limit_concurrency": settings.http_max_connections,
+        "timeout_keep_alive": settings.http_keep_alive_seconds,
+    }
