@@ -24,6 +24,7 @@ FINAL_JOB_STATES: tuple[JobState, ...] = (JobState.SUCCEEDED, JobState.FAILED, J
 
 class JobKind(StrEnum):
     FIT = "fit"
+    SCORE = "score"  # an image archive scored against a fit (POST /v1/datasets/{id}/score)
 
 
 class JobStage(StrEnum):

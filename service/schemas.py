@@ -199,6 +199,19 @@ class Failures(BaseModel):
     items: list[Failure]
 
 
+class ScoringResult(BaseModel):
+    """One page of an archive-scoring job's result (``GET /v1/jobs/{job_id}/result``), in archive
+    order; the first page also lists the members that could not be embedded."""
+
+    job_id: str
+    fit_id: str
+    num_scored: int
+    num_failed: int
+    items: list[NewItemScore]
+    next_cursor: str | None = None
+    failures: list[Failure] = Field(default=[], description="first page only, at most 1000 (num_failed counts all)")
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}

@@ -193,8 +193,11 @@ def test_archive_of_real_images_fits_with_efficientnet(sqlite_server):
         near = c.get(f"/v1/datasets/{dataset_id}/samples/red/000.jpeg/neighbors", params={"k": 3}).json()
         assert near["label"] == "red" and len(near["neighbors"]) == 3
         scored = c.post(f"/v1/datasets/{dataset_id}/score", files={"file": ("n.zip", make_zip(image_members(1)))})
-        assert scored.status_code == 200, scored.text
-        assert {i["label"] for i in scored.json()["items"]} == set(COLOURS)
+        assert scored.status_code == 202, scored.text  # an archive is scored by a job
+        job = wait_for_job(c, scored.json()["job_id"], timeout=300)
+        assert job["state"] == "succeeded" and job["kind"] == "score", job
+        result = c.get(f"/v1/jobs/{job['id']}/result").json()
+        assert {i["label"] for i in result["items"]} == set(COLOURS)
 
 
 def test_image_fit_without_weights_fails_with_a_clear_message(server):

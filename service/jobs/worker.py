@@ -24,6 +24,7 @@ from service.domain import JobKind, JobState
 from service.jobs import queue
 from service.jobs.context import JobContext, JobFailed, JobStopped
 from service.jobs.fit import run_fit_job
+from service.jobs.scoring import release_inputs, run_score_job
 from service.settings import Settings, SettingsError, load_settings
 from service.storage.database import Job, open_database
 
@@ -56,7 +57,10 @@ class Worker:
         if job is None:
             return False
         log.info("job %s claimed by %s (attempt %d)", job.id, self.owner, job.attempts)
-        self.execute(job)
+        try:
+            self.execute(job)
+        finally:
+            release_inputs(self.settings, self.db, job.id)  # a scoring's archive, once it is final
         return True
 
     def execute(self, job: Job) -> None:
@@ -78,9 +82,12 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, args=(ctx, finished), daemon=True)
         beat.start()
         try:
-            if job.kind != JobKind.FIT:
+            if job.kind == JobKind.FIT:
+                run_fit_job(job, ctx, self.settings, self.db)
+            elif job.kind == JobKind.SCORE:
+                run_score_job(job, ctx, self.settings, self.db)
+            else:
                 raise JobFailed(f"unknown job kind {job.kind!r}")
-            run_fit_job(job, ctx, self.settings, self.db)
         except JobStopped:
             if job.id in self._overdue:
                 queue.finish(self.db, job.id, self.owner, JobState.FAILED, error=self._overdue[job.id][1],

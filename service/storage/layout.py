@@ -7,6 +7,7 @@
         uploads/<upload id>/            one upload's files          (storage.uploads.UploadFiles)
         embeddings/                     the dataset's features      (storage.embeddings.EmbeddingStore)
         fits/<fit id>/                  one fit's model and scores  (storage.fits.FitFiles)
+        scorings/<job id>/              one archive-scoring job     (storage.scorings.ScoringFiles)
 
 IDs are the service's own (``database.new_id``); anything else is refused before it becomes a
 path, so no ID can name a folder outside its parent (and no path has to be resolved per request).
@@ -93,3 +94,8 @@ def store_dir(data_dir: Path, dataset_id: str) -> Path:
 
 def fit_dir(data_dir: Path, dataset_id: str, fit_id: str) -> Path:
     return dataset_dir(data_dir, dataset_id) / "fits" / _checked(fit_id)
+
+
+def scoring_dir(data_dir: Path, dataset_id: str, job_id: str) -> Path:
+    """One archive-scoring job's folder: its archive and embeddings while it runs, its result."""
+    return dataset_dir(data_dir, dataset_id) / "scorings" / _checked(job_id)

@@ -1,4 +1,5 @@
-"""Jobs: start a fit, read a job, cancel it, list a dataset's jobs."""
+"""Jobs: start a fit, read a job, cancel it, list a dataset's jobs (archive scorings are queued by
+``usecases.scores``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from service.domain import ACTIVE_JOB_STATES, JobKind
 from service.encoders.names import check_tenant_encoder
 from service.errors import Conflict, NotFound, TooLarge
 from service.jobs import queue
+from service.jobs.scoring import release_inputs
 from service.storage.database import Job, Upload
 from service.usecases.context import AppContext
 from service.usecases.datasets import MAX_ID_LENGTH, allowed_encoders, owned, utc
@@ -37,6 +39,18 @@ def job_out(job: Job) -> schemas.JobOut:
     )
 
 
+def check_active_jobs_quota(ctx: AppContext, session: Session, tenant: str) -> None:
+    """The tenant's queued and running jobs (fits and archive scorings) against
+    DIFFICULTY_MAX_ACTIVE_JOBS_PER_TENANT, before a new one is queued."""
+    limit = ctx.settings.max_active_jobs_per_tenant
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE_JOB_STATES))
+    )
+    if active >= limit:
+        raise TooLarge(f"this tenant has {active} jobs (fits, archive scorings) queued or running, the limit "
+                       "(DIFFICULTY_MAX_ACTIVE_JOBS_PER_TENANT): wait for one to finish")
+
+
 def start_fit(ctx: AppContext, tenant: str, dataset_id: str, options: schemas.FitOptions) -> schemas.JobAccepted:
     with ctx.db() as session:
         dataset = owned(session, tenant, dataset_id)
@@ -46,13 +60,7 @@ def start_fit(ctx: AppContext, tenant: str, dataset_id: str, options: schemas.Fi
         # The operator's lists and limits may have changed since: checked again before queueing.
         check_tenant_encoder(dataset.encoder, allowed_encoders(ctx))
         check_data_shape(ctx.settings, *dataset_shape(ctx, dataset, dataset_uploads))
-        limit = ctx.settings.max_active_jobs_per_tenant
-        active = session.scalar(
-            select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(ACTIVE_JOB_STATES))
-        )
-        if active >= limit:
-            raise TooLarge(f"this tenant has {active} fit jobs queued or running, the limit "
-                           "(DIFFICULTY_MAX_ACTIVE_JOBS_PER_TENANT): wait for one to finish")
+        check_active_jobs_quota(ctx, session, tenant)
         job = queue.enqueue(
             session,
             dataset_id=dataset.id,
@@ -64,7 +72,7 @@ def start_fit(ctx: AppContext, tenant: str, dataset_id: str, options: schemas.Fi
         return schemas.JobAccepted(job_id=job.id, state=job.state)
 
 
-def _owned_job(session: Session, tenant: str, job_id: str) -> Job:
+def owned_job(session: Session, tenant: str, job_id: str) -> Job:
     job = session.get(Job, job_id) if len(job_id) <= MAX_ID_LENGTH else None
     if job is None or job.tenant != tenant:
         raise NotFound("job")
@@ -73,19 +81,22 @@ def _owned_job(session: Session, tenant: str, job_id: str) -> Job:
 
 def get_job(ctx: AppContext, tenant: str, job_id: str) -> schemas.JobOut:
     with ctx.db() as session:
-        return job_out(_owned_job(session, tenant, job_id))
+        return job_out(owned_job(session, tenant, job_id))
 
 
 def cancel_job(ctx: AppContext, tenant: str, job_id: str) -> schemas.JobOut:
     with ctx.db() as session:
-        job = _owned_job(session, tenant, job_id)
+        job = owned_job(session, tenant, job_id)
         if not queue.request_cancel(session, job.id):
             session.rollback()
             session.refresh(job)
             raise Conflict(f"the job already {job.state}")
         session.commit()
         session.refresh(job)
-        return job_out(job)
+        out = job_out(job)
+    # A queued scoring cancelled here never reaches a worker: its archive goes now.
+    release_inputs(ctx.settings, ctx.db, job_id)
+    return out
 
 
 def list_jobs(ctx: AppContext, tenant: str, dataset_id: str) -> list[schemas.JobOut]:

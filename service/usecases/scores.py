@@ -1,5 +1,6 @@
 """Reading a fitted dataset: score pages and exports, the per-class summary, a sample's
-neighbors, the items that could not be embedded, and scoring new items against the fit."""
+neighbors, the items that could not be embedded, and scoring new items against the fit
+(embeddings in the request; an image archive as a job, and that job's result)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,27 @@ import numpy as np
 from sqlalchemy import select
 
 from service import schemas
+from service.domain import JobKind, JobState
 from service.encoders.names import check_tenant_encoder, is_image_encoder
 from service.errors import Conflict, InvalidInput, NotFound, TooLarge
 from service.ingest.features import check_lengths, load_embeddings, load_ids, load_labels
 from service.ingest.safety import inspect_archive
+from service.jobs import queue
+from service.jobs.scoring import score_table
 from service.statistics.label_issues import DEFAULT_THRESHOLD
 from service.storage import layout
 from service.storage.database import Dataset, Fit
 from service.storage.embeddings import EmbeddingStore
 from service.storage.fits import FitFiles
 from service.storage.scores import Cursor, has_label_issues, label_issue_page, page
+from service.storage.scorings import ScoringFiles
 from service.usecases.context import AppContext
 from service.usecases.datasets import MAX_ID_LENGTH, allowed_encoders, require_dataset
 from service.usecases.forms import Form
+from service.usecases.jobs import check_active_jobs_quota, owned_job
+
+# Failures listed on a scoring result's first page (num_failed counts them all).
+MAX_LISTED_FAILURES = 1000
 
 
 def current_fit(ctx: AppContext, tenant: str, dataset_id: str) -> tuple[Fit, FitFiles]:
@@ -115,69 +124,103 @@ def failures(ctx: AppContext, tenant: str, dataset_id: str, limit: int) -> schem
     return schemas.Failures(count=len(rows), items=items)
 
 
-def score_new(ctx: AppContext, tenant: str, dataset_id: str, form: Form) -> schemas.NewScores:
-    """Score items that are not part of the dataset against its fitted Gaussians."""
+def score_new(
+    ctx: AppContext, tenant: str, dataset_id: str, form: Form
+) -> schemas.NewScores | schemas.JobAccepted:
+    """Score items that are not part of the dataset against its fitted Gaussians: embeddings
+    here and now (a matrix product); an image archive as a job (202), whose result is read at
+    ``GET /v1/jobs/{job_id}/result``."""
     try:
         fit, _ = current_fit(ctx, tenant, dataset_id)
-        model = ctx.model(dataset_id, fit.id)
-        failures_out: list[dict[str, str]] = []
-        if "embeddings" in form.files:
-            features = load_embeddings(form.files["embeddings"])
-            labels = load_labels(form.files["labels"]) if "labels" in form.files else None
-            ids = load_ids(form.files["ids"]) if "ids" in form.files else None
-            if labels is not None:
-                check_lengths(features.shape[0], labels, ids)
-            elif ids is not None and len(ids) != features.shape[0]:
-                raise InvalidInput(f"{features.shape[0]} embeddings but {len(ids)} ids: counts must match")
-            ids = ids or [str(i) for i in range(features.shape[0])]
-        elif "file" in form.files:
-            features, labels, ids, failures_out = _embed_archive(ctx, fit, form)
-        else:
+        if "file" in form.files and "embeddings" not in form.files:
+            return _queue_archive(ctx, tenant, fit, form)
+        if "embeddings" not in form.files:
             raise InvalidInput("send multipart field 'embeddings' (.npy, optional 'labels', 'ids') or 'file' (an archive)")
+        model = ctx.model(dataset_id, fit.id)
+        features = load_embeddings(form.files["embeddings"])
+        labels = load_labels(form.files["labels"]) if "labels" in form.files else None
+        ids = load_ids(form.files["ids"]) if "ids" in form.files else None
+        if labels is not None:
+            check_lengths(features.shape[0], labels, ids)
+        elif ids is not None and len(ids) != features.shape[0]:
+            raise InvalidInput(f"{features.shape[0]} embeddings but {len(ids)} ids: counts must match")
+        ids = ids or [str(i) for i in range(features.shape[0])]
         if features.shape[0] > ctx.settings.score_max_items:
             raise TooLarge(f"at most {ctx.settings.score_max_items} items per scoring request (DIFFICULTY_SCORE_MAX_ITEMS)")
-        if features.shape[1] != model.dim:
-            raise InvalidInput(f"features have D={features.shape[1]} but the fit has D={model.dim}")
-        try:
-            scored = model.score(np.asarray(features), labels)
-        except ValueError as exc:  # labels the fit has never seen
-            raise InvalidInput(str(exc)) from None
-        items = []
-        for i, sample_id in enumerate(ids):
-            item: dict[str, Any] = {
-                "sample_id": sample_id,
-                "md_agnostic": float(scored["md_agnostic"][i]),
-                "rmd_min": float(scored["rmd_min"][i]),
-                "predicted_label": str(scored["predicted_label"][i]),
-            }
-            if labels is not None:
-                item.update(label=labels[i], rmd=float(scored["rmd"][i]), md_class=float(scored["md_class"][i]))
-            items.append(item)
-        return schemas.NewScores(fit_id=fit.id, items=items, failures=failures_out)
+        items = score_table(model, features, labels, ids).to_pylist()
+        return schemas.NewScores(fit_id=fit.id, items=items, failures=[])
     finally:
         form.discard()
 
 
-def _embed_archive(ctx: AppContext, fit: Fit, form: Form):  # type: ignore[no-untyped-def]
+def _queue_archive(ctx: AppContext, tenant: str, fit: Fit, form: Form) -> schemas.JobAccepted:
+    """Check the archive as an upload is checked, move it into a scoring job's folder and queue
+    the job in one transaction; nothing is decoded here."""
     if not is_image_encoder(fit.encoder):
         raise Conflict("this dataset was fitted on precomputed embeddings: send 'embeddings', not an archive")
     members = inspect_archive(
         form.files["file"], max_members=ctx.settings.score_max_items, max_total_bytes=ctx.settings.max_archive_bytes
     )
+    if not members:
+        raise InvalidInput("the archive holds no image")
     # The operator's allow-list as it is now (an encoder removed from it is not loaded again).
     check_tenant_encoder(fit.encoder, allowed_encoders(ctx))
-    encoder = ctx.encoder(fit.encoder)
-    from service.ingest import open_source
-    from service.pipeline.embedding import embed_source
+    with ctx.db() as session:
+        # A concurrent DELETE of the dataset: lock its row until the commit (as uploads do).
+        dataset = session.scalar(select(Dataset).where(Dataset.id == fit.dataset_id).with_for_update())
+        if dataset is None or dataset.tenant != tenant:
+            raise NotFound("dataset")
+        if dataset.current_fit_id != fit.id:
+            raise Conflict("the dataset was fitted again meanwhile: send the archive again")
+        check_active_jobs_quota(ctx, session, tenant)
+        try:
+            job = queue.enqueue(
+                session,
+                dataset_id=dataset.id,
+                tenant=tenant,
+                kind=JobKind.SCORE,
+                options={"fit_id": fit.id, "num_items": len(members)},
+            )
+        except queue.JobConflict as exc:
+            raise Conflict(f"a job is already queued or running for this dataset: {exc.job_id} (one job per "
+                           "dataset at a time: wait for it, or cancel it)") from None
+        files = ScoringFiles(layout.scoring_dir(ctx.settings.data_dir, dataset.id, job.id))
+        try:
+            files.accept(form.files["file"])
+            session.commit()
+        except Exception:
+            session.rollback()
+            files.remove()
+            raise
+        return schemas.JobAccepted(job_id=job.id, state=job.state)
 
-    store = EmbeddingStore(form.directory / "store")
-    report = embed_source(open_source(form.files["file"]), encoder, store, total=len(members))
-    ids, labels, feats = [], [], []
-    for chunk in store.iter_chunks():
-        ids += chunk.sample_ids.tolist()
-        labels += chunk.labels.tolist()
-        feats.append(chunk.features)
-    if not feats:
-        raise InvalidInput(f"no image in the archive could be decoded ({len(report.failures)} failures)")
-    failures_out = [{"sample_id": str(f[0]), "reason": str(f[1])} for f in report.failures]
-    return np.concatenate(feats), labels, ids, failures_out
+
+def scoring_result(
+    ctx: AppContext, tenant: str, job_id: str, *, limit: int, cursor: str | None
+) -> tuple[schemas.ScoringResult | None, ScoringFiles]:
+    """A succeeded archive scoring's result: one JSON page (``limit`` None: only the files,
+    for the whole-table export). Another tenant's job is a missing one."""
+    with ctx.db() as session:
+        job = owned_job(session, tenant, job_id)
+        kind, state, error, result, dataset_id = job.kind, job.state, job.error, job.result or {}, job.dataset_id
+    if kind != JobKind.SCORE:
+        raise NotFound("scoring result (this job is a fit: its scores are GET /v1/datasets/{id}/scores)")
+    if state != JobState.SUCCEEDED:
+        detail = f": {error}" if error else ": poll GET /v1/jobs/{job_id} until it succeeded"
+        raise Conflict(f"the scoring job is {state}{detail}")
+    files = ScoringFiles(layout.scoring_dir(ctx.settings.data_dir, dataset_id, job_id))
+    if not files.has_result():  # the dataset was deleted since
+        raise NotFound("scoring result")
+    if limit is None:
+        return None, files
+    items, next_cursor = files.page(limit=limit, cursor=cursor)
+    failures = [schemas.Failure(sample_id=a, reason=b) for a, b in files.failures()[:MAX_LISTED_FAILURES]] if cursor is None else []
+    return schemas.ScoringResult(
+        job_id=job_id,
+        fit_id=str(result.get("fit_id", "")),
+        num_scored=files.num_rows(),
+        num_failed=int(result.get("num_failed", 0)),
+        items=items,
+        next_cursor=next_cursor,
+        failures=failures,
+    ), files

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Body, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import schemas
@@ -215,22 +215,29 @@ def get_neighbors(
 @router.post(
     "/{dataset_id}/score",
     response_model=schemas.NewScores,
-    responses={**ERRORS, 409: {"description": "not fitted yet"}, 413: {"description": "too many items"},
+    responses={**ERRORS,
+               202: {"model": schemas.JobAccepted,
+                     "description": "an archive: queued as a scoring job; its result is GET /v1/jobs/{job_id}/result"},
+               409: {"description": "not fitted yet, or (an archive) a job of the dataset is already active"},
+               413: {"description": "too many items, or the tenant's active-jobs quota"},
                422: {"description": "invalid input"}},
     openapi_extra=_multipart(
         {
-            "embeddings": ".npy of floats, N x D (same encoder as the dataset)",
+            "embeddings": ".npy of floats, N x D (same encoder as the dataset): scored in the request (200)",
             "labels": "optional: labels for rmd (.npy or text lines)",
             "ids": "optional: text with one ID per line",
-            "file": "or: an archive of images (<class>/<image>)",
+            "file": "or: an archive of images (<class>/<image>): checked, then scored by a job (202)",
         },
         [],
     ),
 )
-async def score_items(dataset_id: str, request: Request, ctx: Context, tenant: Tenant) -> schemas.NewScores:
+async def score_items(dataset_id: str, request: Request, ctx: Context, tenant: Tenant):  # type: ignore[no-untyped-def]
     await run_in_threadpool(scores.current_fit, ctx, tenant, dataset_id)
     form = await _receive(request, ctx, {"embeddings", "labels", "ids", "file"})
-    return await run_in_threadpool(scores.score_new, ctx, tenant, dataset_id, form)
+    out = await run_in_threadpool(scores.score_new, ctx, tenant, dataset_id, form)
+    if isinstance(out, schemas.JobAccepted):
+        return JSONResponse(out.model_dump(), status_code=202)
+    return out
 
 
 @router.get(
