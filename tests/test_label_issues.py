@@ -3,7 +3,7 @@
 The references use explicit inverses of the shrunk covariances, fitted from the raw rows of
 the training folds, and per-sample Python loops: nothing shared with the code under test but
 the conventions (covariance divided by N, ``(1 - rho) S + rho tr(S)/D I``, log class priors).
-Whole file: 18 tests, about 8-12 s on the shared 2-core machine (under load).
+Whole file: 23 tests, about 10-15 s on the shared 2-core machine (under load).
 """
 
 from __future__ import annotations
@@ -13,20 +13,25 @@ import pytest
 from scipy.special import logsumexp
 
 from service.statistics import SufficientStatistics, assign_folds, fit_gaussians
+from service.statistics import rows as rows_module
 from service.statistics.label_issues import (
     LabelNoise,
     class_distances,
     find_label_issues,
     fit_label_noise,
+    fit_log_temperature,
     label_issues,
     log_prior_from_counts,
     out_of_fold_distances,
+    out_of_fold_relative_distances,
     soft_fold_gaussians,
+    soft_fold_moments,
     wrong_label_log_odds,
 )
 from service.statistics.selection import (
     HeldOutLogLoss,
     fold_gaussians,
+    log_posterior,
     select_shrinkage_by_log_loss,
 )
 
@@ -360,3 +365,100 @@ def test_refit_on_soft_labels_keeps_ranking_and_mean_calibration() -> None:
 
     assert auroc(fit.issues.log_odds, flipped) > 0.97
     assert fit.issues.probability.sum() == pytest.approx(flipped.sum(), rel=0.15)
+
+
+def test_relative_out_of_fold_distances_differ_by_a_constant_per_row() -> None:
+    # N < D and a large offset: the linear form must agree with the brute-force distances up to
+    # the per-row term it leaves out, and give the same posteriors at any temperature.
+    for n, d, rho, offset in ((80, 5, 0.01, 0.0), (30, 40, 0.1, 0.0), (90, 6, 1e-3, 1e3)):
+        x, y, ids = make_data(n, d, 3, seed=11, offset=offset)
+        stats = stats_of(x, y, ids)
+        folds = assign_folds(ids)
+        models = fold_gaussians(stats)
+        relative = out_of_fold_relative_distances(stats, x, folds, [m.discriminant(rho) for m in models])
+        want, prior = brute_out_of_fold(x, y, folds, 3, rho)
+        assert relative.relative
+        shift = want - relative.distances
+        np.testing.assert_allclose(shift, shift[:, :1].repeat(3, axis=1), rtol=1e-7, atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(relative.log_prior, prior, rtol=1e-12)
+        for temperature in (0.3, 1.0, 40.0):
+            np.testing.assert_allclose(
+                np.exp(relative.log_posterior(temperature)),
+                np.exp(log_posterior(want, prior, temperature)),
+                atol=1e-9,
+            )
+
+
+def test_cholesky_and_eigenbasis_discriminants_agree_and_singular_falls_back() -> None:
+    x, y, ids = make_data(120, 8, 4, seed=12)
+    stats = stats_of(x, y, ids)
+    folds = assign_folds(ids)
+    onehot = np.eye(4)[y]
+    for moments, gaussian in zip(
+        soft_fold_moments(stats, x, folds, onehot), fold_gaussians(stats), strict=True
+    ):
+        for rho in (1e-4, 0.1):
+            a, b = moments.discriminant(rho), gaussian.discriminant(rho)
+            np.testing.assert_allclose(a.weights, b.weights, rtol=1e-8, atol=1e-10)
+            np.testing.assert_allclose(a.offsets, b.offsets, rtol=1e-8)
+    # Rank-deficient tied covariance (N < D) at rho = 0: no Cholesky factor; the eigenbasis
+    # route clips the round-off eigenvalues and says the covariance is singular.
+    x, y, ids = make_data(20, 30, 2, seed=13)
+    stats = stats_of(x, y, ids)
+    moments = soft_fold_moments(stats, x, assign_folds(ids), np.eye(2)[y])[0]
+    with pytest.raises(ValueError, match="singular"):
+        moments.discriminant(0.0)
+
+
+def test_temperature_search_finds_the_maximum_and_breaks_plateau_ties_at_one() -> None:
+    x, y, noisy, flipped, ids = separated_noisy_problem(600, 0.2, seed=14)
+    stats = stats_of(x, noisy, ids)
+    oof = out_of_fold_distances(stats, x, assign_folds(ids), 0.01)
+    yo = np.searchsorted(oof.classes, [f"c{v}" for v in noisy])
+    log_m = np.log(np.full((4, 4), 0.2 / 3) + np.eye(4) * (0.8 - 0.2 / 3))
+
+    def likelihood(log_t: float) -> float:
+        logits = -oof.distances / (2 * np.exp(log_t)) + oof.log_prior
+        return float(np.mean(logsumexp(logits + log_m[:, yo].T, axis=1) - logsumexp(logits, axis=1)))
+
+    found, value = fit_log_temperature(oof.distances, oof.log_prior, yo, log_m)
+    assert value == pytest.approx(likelihood(found), rel=1e-10)
+    grid = np.linspace(np.log(1e-2), np.log(1e5), 2001)
+    assert value >= max(likelihood(t) for t in grid) - 1e-9
+    # Every posterior saturated (classes 1e4 apart): the likelihood is flat at small T and the
+    # search returns T = 1 rather than a bound.
+    far = np.where(np.eye(4)[yo] > 0, 0.0, 1e6)
+    found, _ = fit_log_temperature(far, np.log(np.full(4, 0.25)), yo, log_m)
+    assert found == pytest.approx(0.0, abs=1e-9)
+
+
+def test_row_blocks_and_threads_do_not_change_any_field(monkeypatch) -> None:
+    x, y, noisy, flipped, ids = separated_noisy_problem(500, 0.2, seed=15)
+    stats = stats_of(x, noisy, ids)
+    labels = [f"c{v}" for v in noisy]
+    folds = assign_folds(ids)
+    base = find_label_issues(stats, x, labels, folds, 0.01, refits=1)
+    monkeypatch.setattr(rows_module, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(rows_module, "_threads", lambda: 3)
+    small = find_label_issues(stats, x, labels, folds, 0.01, refits=1)
+    monkeypatch.setattr(rows_module, "_threads", lambda: 1)
+    serial = find_label_issues(stats, x, labels, folds, 0.01, refits=1)
+    for other in (small, serial):
+        np.testing.assert_allclose(other.issues.log_odds, base.issues.log_odds, rtol=1e-9, atol=1e-9)
+        np.testing.assert_array_equal(other.issues.suggested, base.issues.suggested)
+        assert other.noise.temperature == pytest.approx(base.noise.temperature, rel=1e-9)
+    # Same blocks, threads or not: bit for bit.
+    np.testing.assert_array_equal(small.issues.log_odds, serial.issues.log_odds)
+
+
+def test_warm_started_noise_fit_does_not_lose_likelihood() -> None:
+    x, y, noisy, flipped, ids = separated_noisy_problem(600, 0.2, seed=16)
+    stats = stats_of(x, noisy, ids)
+    oof = out_of_fold_distances(stats, x, assign_folds(ids), 0.01)
+    yo = np.searchsorted(oof.classes, [f"c{v}" for v in noisy])
+    cold = fit_label_noise(oof.distances, oof.log_prior, yo, "full")
+    warm = fit_label_noise(oof.distances, oof.log_prior, yo, "full", initial=cold)
+    assert warm.log_likelihood >= cold.log_likelihood - 1e-12
+    assert warm.temperature == pytest.approx(cold.temperature, rel=1e-3)
+    with pytest.raises(ValueError, match="another kind"):
+        fit_label_noise(oof.distances, oof.log_prior, yo, "uniform", initial=cold)

@@ -15,6 +15,7 @@ from service.statistics import (
     fit_gaussians,
     normalize_features,
 )
+from service.statistics.selection import fold_gaussians
 
 RTOL = 1e-6
 
@@ -266,9 +267,14 @@ def test_auto_shrinkage_maximises_held_out_likelihood(n, d):
     tied, agnostic = held_out_log_likelihood_direct(x, labels, ids, SHRINKAGE_GRID)
     np.testing.assert_allclose(cv.log_likelihood_tied, tied, rtol=1e-8)
     np.testing.assert_allclose(cv.log_likelihood_agnostic, agnostic, rtol=1e-8)
-    model = fit_gaussians(SufficientStatistics(dim=d).update(x, labels, ids), "auto")
+    stats = SufficientStatistics(dim=d).update(x, labels, ids)
+    model = fit_gaussians(stats, "auto")
     assert model.shrinkage == SHRINKAGE_GRID[int(np.argmax(tied))]
     assert model.shrinkage_agnostic == SHRINKAGE_GRID[int(np.argmax(agnostic))]
+    # The fit job hands over the label-issue model's fold eigendecompositions: same curve.
+    shared = cross_validate_shrinkage(stats, fold_models=fold_gaussians(stats))
+    np.testing.assert_allclose(shared.log_likelihood_tied, tied, rtol=1e-8)
+    assert fit_gaussians(stats, "auto", fold_gaussians(stats)).shrinkage == model.shrinkage
 
 
 def test_unlabelled_scoring_and_unknown_labels():

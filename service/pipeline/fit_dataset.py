@@ -26,8 +26,8 @@ from service.statistics import (
     normalize_features,
     parse_shrinkage,
 )
-from service.statistics.label_issues import NOISE_SAMPLE_ROWS, find_label_issues, noise_rows
-from service.statistics.selection import fold_gaussians, select_shrinkage_by_log_loss
+from service.statistics.label_issues import SELECTION_SAMPLE_ROWS, find_label_issues, noise_rows
+from service.statistics.selection import FoldGaussian, fold_gaussians, select_shrinkage_by_log_loss
 from service.storage.embeddings import EmbeddingStore
 from service.storage.fits import FitFiles
 from service.storage.uploads import default_ids
@@ -121,7 +121,13 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
     stages.set_stage(JobStage.FITTING, num_chunks)
     stats = labelled_statistics(store, normalize=settings.normalize, progress=stages.progress)
     stages.check()
-    model = fit_gaussians(stats, settings.shrinkage)
+    # The folds' tied-covariance eigendecompositions serve the shrinkage cross-validation and
+    # the label-issue model alike (five D x D eigh, computed once).
+    try:
+        fold_models: list[FoldGaussian] | None = fold_gaussians(stats)
+    except ValueError:  # too few samples for folds: the steps below say so in their own terms
+        fold_models = None
+    model = fit_gaussians(stats, settings.shrinkage, fold_models)
     stages.check()
     stages.set_stage(JobStage.SCORING, model.count)
     scores = score_store(model, store, progress=stages.progress)
@@ -143,7 +149,7 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
     scores = scores.append_column(KNN_COLUMN, pa.array(agreement, pa.float64(), from_pandas=True))
     stages.check()
     stages.set_stage(JobStage.LABEL_ISSUES, scores.num_rows)
-    issues = label_issue_columns(stats, model, ids, labels, features)
+    issues = label_issue_columns(stats, model, ids, labels, features, fold_models)
     del features
     for name, values in issues.columns.items():
         scores = scores.append_column(name, values)
@@ -162,17 +168,24 @@ class IssueColumns:
 
 
 def label_issue_columns(
-    stats: SufficientStatistics, model: GaussianModel, ids: np.ndarray, labels: np.ndarray, features: np.ndarray
+    stats: SufficientStatistics,
+    model: GaussianModel,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    features: np.ndarray,
+    fold_models: list[FoldGaussian] | None = None,
 ) -> IssueColumns:
     """The label-issue fields of every labelled sample (docs/method.md, "Label issues"): the
     Gaussian classifier's out-of-fold posterior at the rho of lowest held-out classification
     log-loss, a label-transition model fitted by EM on the given labels, one soft-label refit,
     and the calibration map. ``ids, labels, features``: the labelled samples in the space of
-    ``stats`` (:func:`labelled_features`), in memory once (N x D float32)."""
+    ``stats`` (:func:`labelled_features`), in memory once (N x D float32). ``fold_models``:
+    ``fold_gaussians(stats)`` if already computed."""
     folds = assign_folds(ids.tolist(), stats.n_folds)
-    fold_models = fold_gaussians(stats)
+    if fold_models is None:
+        fold_models = fold_gaussians(stats)
     # The held-out log-loss curve over rho is an average: evenly spaced rows estimate it well.
-    rows = noise_rows(features.shape[0], NOISE_SAMPLE_ROWS)
+    rows = noise_rows(features.shape[0], SELECTION_SAMPLE_ROWS)
     rho = select_shrinkage_by_log_loss(
         stats, features[rows], labels[rows].tolist(), folds[rows], fold_models=fold_models
     ).best

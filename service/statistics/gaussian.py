@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy.linalg import eigh, solve_triangular
@@ -16,6 +16,9 @@ from scipy.linalg import eigh, solve_triangular
 from service.errors import InvalidInput
 from service.statistics.shrinkage import CrossValidation, cross_validate_shrinkage, shrink
 from service.statistics.sufficient import SufficientStatistics
+
+if TYPE_CHECKING:  # selection imports this package's shrinkage module
+    from service.statistics.selection import FoldGaussian
 
 Shrinkage = float | Literal["auto", "auto-shared"]
 AUTO_MODES = ("auto", "auto-shared")
@@ -207,20 +210,24 @@ def parse_shrinkage(value: object) -> Shrinkage:
     return rho
 
 
-def fit_gaussians(stats: SufficientStatistics, shrinkage: Shrinkage = "auto") -> GaussianModel:
+def fit_gaussians(
+    stats: SufficientStatistics, shrinkage: Shrinkage = "auto", fold_models: Sequence[FoldGaussian] | None = None
+) -> GaussianModel:
     """Fit from sufficient statistics.
 
     ``shrinkage``: a rho in [0, 1] for both covariances; ``"auto"``: for each covariance the grid
     rho with the best 5-fold held-out likelihood; ``"auto-shared"``: the tied covariance's choice
     applied to both (docs/method.md). The model normalises what it scores exactly when the
-    statistics were accumulated on L2-normalised features (``stats.normalized``)."""
+    statistics were accumulated on L2-normalised features (``stats.normalized``).
+    ``fold_models``: ``selection.fold_gaussians(stats)`` if already computed (reused by the
+    cross-validation)."""
     n = stats.count
     if n < 2:
         raise FitError(f"need at least 2 labelled samples to fit, got {n}")
     shrinkage = parse_shrinkage(shrinkage)
     cv = None
     if isinstance(shrinkage, str):
-        cv = cross_validate_shrinkage(stats)
+        cv = cross_validate_shrinkage(stats, fold_models=fold_models)
         rho, rho_agnostic = cv.best_tied, cv.best_agnostic
         if shrinkage == "auto-shared":
             # One rho for both covariances, the tied one's: MD_k and MD_0 are then measured in

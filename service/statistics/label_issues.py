@@ -26,18 +26,20 @@ Shapes: N samples, K classes, D features. Class axes follow ``GaussianModel.clas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.linalg import eigh, solve_triangular
-from scipy.optimize import minimize_scalar
+from scipy.linalg import cho_factor, cho_solve, eigh, solve_triangular
 from scipy.special import expit, log_expit
 
 from service.statistics.gaussian import GaussianModel, normalize_features
+from service.statistics.rows import map_row_blocks
 from service.statistics.selection import (
+    FoldDiscriminant,
     FoldGaussian,
+    distances_in_eigenbasis,
     fold_gaussians,
     log_posterior,
     logsumexp,
@@ -64,6 +66,9 @@ LOG_TEMPERATURE_BOUNDS = (np.log(1e-2), np.log(1e5))
 TRANSITION_PSEUDO_COUNT = 0.1
 # Rows the noise model is fitted on, at most (find_label_issues).
 NOISE_SAMPLE_ROWS = 20_000
+# Rows the label-issue rho is chosen on, at most (held-out log-loss over the grid, 13 GEMMs of
+# rows x D x K): every row up to the largest N of the evidence benchmark (10,000).
+SELECTION_SAMPLE_ROWS = 10_000
 NoiseKind = Literal["full", "uniform", "none"]
 
 
@@ -105,17 +110,21 @@ class OutOfFold:
 
     Attributes:
         classes: (K,) class labels, sorted (as ``GaussianModel.classes``).
-        distances: (N, K) ``MD_k`` of each sample under its out-of-fold model.
+        distances: (N, K) ``MD_k`` of each sample under its out-of-fold model (up to a constant
+            per row where ``relative``).
         log_prior: (N, K) log class frequencies of each sample's training folds.
     """
 
     classes: np.ndarray
     distances: np.ndarray
     log_prior: np.ndarray
+    # True: ``distances`` are shifted by a constant per row (FoldDiscriminant.relative_distances),
+    # which changes no posterior, calibration or field computed from them.
+    relative: bool = False
 
     def log_posterior(self, temperature: float = 1.0) -> np.ndarray:
         """(N, K) ``log p_T(k | z_i)`` under the out-of-fold models."""
-        return _log_posterior_rows(self.distances, self.log_prior, temperature)
+        return log_posterior(self.distances, self.log_prior, temperature)
 
 
 def out_of_fold_distances(
@@ -150,31 +159,100 @@ def out_of_fold_distances_grid(
 ) -> list[OutOfFold]:
     """:func:`out_of_fold_distances` for several rhos, projecting each sample once (the
     ``D^2`` part); one :class:`OutOfFold` per rho, in order."""
-    x = np.asarray(features, dtype=np.float64)
+    x = np.asarray(features)
     folds = np.asarray(folds)
     if x.ndim != 2 or x.shape[1] != stats.dim or folds.shape != (x.shape[0],):
         raise ValueError("features must be (N, D) with D = stats.dim and folds (N,)")
-    present = stats.counts.sum(axis=0) > 0
-    names = np.asarray(stats.classes, dtype=np.str_)
-    keep = np.flatnonzero(present)[np.argsort(names[present], kind="stable")]
-    distances = np.full((len(rhos), x.shape[0], keep.size), np.nan)
-    log_prior = np.full((x.shape[0], keep.size), np.nan)
+    names, keep = _sorted_present_classes(stats)
+    # Filled fold by fold; ``covered`` says which rows got a model (np.full(nan) of three
+    # N x K arrays was a measurable share of the stage at N = 100,000).
+    distances = np.empty((len(rhos), x.shape[0], keep.size))
+    log_prior = np.empty((x.shape[0], keep.size))
+    covered = np.zeros(x.shape[0], dtype=bool)
     for model in fold_gaussians(stats) if fold_models is None else fold_models:
         rows = np.flatnonzero(folds == model.fold)
         if rows.size == 0:
             continue
-        u, m = model.project(x[rows] - stats.reference)
+        # float64 per fold, not for the whole matrix at once (N x D x 8 bytes more).
+        u, m = model.project(np.asarray(x[rows], dtype=np.float64) - stats.reference)
+        projected_means = m[keep]
         for i, rho in enumerate(rhos):
-            if not np.all(shrunk_eigenvalues(model.eigenvalues, rho) > 0):
+            lam = shrunk_eigenvalues(model.eigenvalues, rho)
+            if not np.all(lam > 0):
                 raise ValueError(f"shrinkage {rho:g} leaves fold {model.fold}'s covariance singular")
-            distances[i, rows] = model.distances(u, m, rho)[:, keep]
+            distances[i, rows] = distances_in_eigenbasis(u, projected_means, lam)
         log_prior[rows] = model.log_prior[keep]
-    if np.isnan(log_prior).any():
+        covered[rows] = True
+    if not covered.all():
         raise ValueError(
             "out-of-fold distances undefined for some samples: their fold has no model (a fold "
             "outside stats.n_folds, or fewer than 2 samples outside it)"
         )
     return [OutOfFold(names[keep], distances[i], log_prior) for i in range(len(rhos))]
+
+
+def out_of_fold_relative_distances(
+    stats: SufficientStatistics,
+    features: np.ndarray,
+    folds: np.ndarray,
+    discriminants: Sequence[FoldDiscriminant],
+) -> OutOfFold:
+    """:func:`out_of_fold_distances` up to a constant per row (``relative=True``), from each
+    fold model's linear form at one rho (``FoldGaussian.discriminant`` or
+    ``FoldMoments.discriminant``): N x D x K flops instead of N x D^2 + N x D x K. Everything
+    the label-issue model computes from class distances is a softmax over classes, unchanged by
+    the shift."""
+    x = np.asarray(features)
+    folds = np.asarray(folds)
+    if x.ndim != 2 or x.shape[1] != stats.dim or folds.shape != (x.shape[0],):
+        raise ValueError("features must be (N, D) with D = stats.dim and folds (N,)")
+    names, keep = _sorted_present_classes(stats)
+    distances = np.empty((x.shape[0], keep.size))
+    log_prior = np.empty((x.shape[0], keep.size))
+    covered = np.zeros(x.shape[0], dtype=bool)
+    by_fold = {m.fold: m for m in discriminants}
+    for fold, rows, centred in _fold_chunks(x, folds, stats.reference):
+        model = by_fold.get(fold)
+        if model is None:
+            continue
+        distances[rows] = model.relative_distances(centred)[:, keep]
+        log_prior[rows] = model.log_prior[keep]
+        covered[rows] = True
+    if not covered.all():
+        raise ValueError(
+            "out-of-fold distances undefined for some samples: their fold has no model (a fold "
+            "outside stats.n_folds, or fewer than 2 samples outside it)"
+        )
+    return OutOfFold(names[keep], distances, log_prior, relative=True)
+
+
+def _fold_chunks(
+    features: np.ndarray, folds: np.ndarray, reference: np.ndarray, chunk: int = 4096
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(fold, rows, centred)`` for each fold's rows within consecutive chunks of rows:
+    ``centred`` is ``features[rows] - reference`` in float64. The float64 copy is made a chunk
+    at a time, in cache, not as a second N x D matrix gathered fold by fold."""
+    for start in range(0, features.shape[0], chunk):
+        stop = min(start + chunk, features.shape[0])
+        centred = np.asarray(features[start:stop], dtype=np.float64) - reference
+        local_folds = folds[start:stop]
+        for fold in np.unique(local_folds):
+            local = np.flatnonzero(local_folds == fold)
+            yield int(fold), start + local, centred[local]
+
+
+def _scatter_classes(values: np.ndarray, keep: np.ndarray, k_all: int) -> np.ndarray:
+    """(F, len(keep), ...) per sorted present class -> (F, k_all, ...) in ``stats`` order."""
+    out = np.zeros((values.shape[0], k_all, *values.shape[2:]))
+    out[:, keep] = values
+    return out
+
+
+def _sorted_present_classes(stats: SufficientStatistics) -> tuple[np.ndarray, np.ndarray]:
+    """Class names and the indices of the classes with samples, in sorted-name order."""
+    present = stats.counts.sum(axis=0) > 0
+    names = np.asarray(stats.classes, dtype=np.str_)
+    return names, np.flatnonzero(present)[np.argsort(names[present], kind="stable")]
 
 
 @dataclass(frozen=True)
@@ -207,49 +285,159 @@ def fit_label_noise(
     kind: NoiseKind = "full",
     max_rounds: int = 100,
     tol: float = 1e-8,
+    initial: LabelNoise | None = None,
 ) -> LabelNoise:
     """Maximum-likelihood ``T`` and ``M`` for the given labels under ``p_T(y | z) M[y, g]``, by
-    coordinate ascent: a bounded scalar search on ``log T`` with ``M`` fixed, then EM steps on
-    ``M`` with ``T`` fixed, until the mean log-likelihood gains less than ``tol``. Each step
-    cannot lower the likelihood (for "full", the M-step adds ``TRANSITION_PSEUDO_COUNT``).
+    coordinate ascent: a safeguarded Newton search on ``log T`` with ``M`` fixed
+    (:func:`fit_log_temperature`), then EM steps on ``M`` with ``T`` fixed, until the mean
+    log-likelihood gains less than ``tol``. Each step cannot lower the likelihood (for "full",
+    the M-step adds ``TRANSITION_PSEUDO_COUNT``).
 
     Parameters
     ----------
-    distances : (N, K) class distances, out-of-fold (:func:`out_of_fold_distances`); in-sample
-        distances would fit an over-confident T.
+    distances : (N, K) class distances, out-of-fold (:func:`out_of_fold_distances`, either
+        form); in-sample distances would fit an over-confident T.
     log_prior : (K,) or (N, K) log class priors of the model(s) behind ``distances``.
     labels : (N,) given labels as class indices into the K columns.
     kind : transition model, see :class:`LabelNoise`.
+    initial : a fit to start from (same K and kind), e.g. the previous round's of an EM over
+        the Gaussians; None starts from M with 10% uniform noise and a scan over T.
     """
     d, prior, y = _validated(distances, log_prior, labels)
     k = d.shape[1]
-    if kind == "none":
+    if initial is not None:
+        if initial.kind != kind or initial.transition.shape != (k, k):
+            raise ValueError("the initial noise model has another kind or number of classes")
+        transition = initial.transition
+    elif kind == "none":
         transition = np.eye(k)
     elif kind in ("full", "uniform"):
         transition = _uniform_transition(k, 0.1)
     else:
         raise ValueError(f"kind must be 'full', 'uniform' or 'none', got {kind!r}")
-    log_t, previous, ll = 0.0, -np.inf, -np.inf
-    for _ in range(max_rounds):
+    # The search reads distances shifted to a zero minimum per row: the same posteriors, and
+    # smaller numbers in the variance terms of its second derivative.
+    shifted = d - d.min(axis=1, keepdims=True)
+    log_t = 0.0 if initial is None else float(np.log(initial.temperature))
+    previous, ll = -np.inf, -np.inf
+    for round_ in range(max_rounds):
         with np.errstate(divide="ignore"):
             log_m = np.log(transition)
-        result = minimize_scalar(
-            lambda t, log_m=log_m: -_mean_log_likelihood(_log_posterior_rows(d, prior, float(np.exp(t))), log_m, y),
-            bounds=LOG_TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-4},
-        )  # fmt: skip
-        if -result.fun >= ll:  # the search is local: keep the old T if it found nothing better
-            log_t, ll = float(result.x), float(-result.fun)
+        scan = round_ == 0 and initial is None
+        found, found_ll = fit_log_temperature(shifted, prior, y, log_m, start=None if scan else log_t)
+        if found_ll >= ll:  # the search is local: keep the old T if it found nothing better
+            log_t, ll = found, found_ll
         if kind == "none":
             break
-        log_p = _log_posterior_rows(d, prior, float(np.exp(log_t)))
+        log_p = log_posterior(d, prior, float(np.exp(log_t)))
         for _ in range(10):
-            transition = _m_step(log_p, transition, y, kind)
+            updated = _m_step(log_p, transition, y, kind)
+            settled = np.max(np.abs(updated - transition)) < 1e-12
+            transition = updated
+            if settled:  # a fixed point (to round-off): more steps would change nothing
+                break
         with np.errstate(divide="ignore"):
             ll = _mean_log_likelihood(log_p, np.log(transition), y)
         if ll - previous < tol:
             break
         previous = ll
     return LabelNoise(float(np.exp(log_t)), transition, float(ll), kind)
+
+
+def fit_log_temperature(
+    distances: np.ndarray,
+    log_prior: np.ndarray,
+    labels: np.ndarray,
+    log_transition: np.ndarray,
+    start: float | None = None,
+    xtol: float = 1e-7,
+    gtol: float = 1e-12,
+    max_steps: int = 100,
+) -> tuple[float, float]:
+    """``(log T, mean log-likelihood)`` maximising ``L(T) = mean_i log sum_y p_T(y | z_i)
+    M[y, g_i]`` over ``LOG_TEMPERATURE_BOUNDS`` for a fixed ``M``, from ``start`` (None: from
+    the best point of a scan with one point per decade of T).
+
+    With ``beta = 1 / T``, ``p`` the posterior and ``r`` its reweighting by ``M[., g_i]``:
+    ``dL/dbeta = mean(E_p[d] - E_r[d]) / 2`` and ``d2L/dbeta2 = mean(Var_r[d] - Var_p[d]) / 4``,
+    one pass over the (N, K) array per step. Newton steps on ``log T`` inside a bracket that the
+    derivative's sign keeps shrinking, bisection where Newton would leave it or the curvature is
+    not negative; the best point seen is returned (a local search, like any on this function).
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    n = distances.shape[0]
+    given_log_m = log_transition.T[y]  # (N, K): row i is log M[., g_i]
+    squared = distances * distances
+
+    def evaluate(log_t: float) -> tuple[float, float, float]:
+        beta = float(np.exp(-log_t))
+
+        def block(rows: slice) -> np.ndarray:
+            a = distances[rows] * (-0.5 * beta)
+            a += log_prior[rows] if log_prior.ndim == 2 else log_prior[None, :]
+            b = a + given_log_m[rows]
+            out = np.empty((2, 3))
+            for j, logits in enumerate((a, b)):
+                top = logits.max(axis=1, keepdims=True)
+                top = np.where(np.isfinite(top), top, 0.0)
+                e = np.exp(logits - top)
+                total = e.sum(axis=1)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    mean = np.einsum("nk,nk->n", e, distances[rows]) / total
+                    var = np.einsum("nk,nk->n", e, squared[rows]) / total - mean * mean
+                    lse = np.log(total) + top[:, 0]
+                out[j] = lse.sum(), mean.sum(), var.sum()
+            return out
+
+        a_sums, b_sums = np.sum(map_row_blocks(block, n), axis=0)
+        value = (b_sums[0] - a_sums[0]) / n
+        grad_beta = (a_sums[1] - b_sums[1]) / (2 * n)
+        curv_beta = (b_sums[2] - a_sums[2]) / (4 * n)
+        # Chain rule to s = log T (beta = exp(-s)).
+        grad = -beta * grad_beta
+        curv = beta * beta * curv_beta + beta * grad_beta
+        return value, grad, curv
+
+    lo, hi = LOG_TEMPERATURE_BOUNDS
+    if start is None:
+        # A coarse scan first (one point per decade of T), so that a plateau (posteriors
+        # saturated at small T, where the derivative vanishes) does not stop the search far from
+        # the maximum; the bracket is then the scan's neighbours of its best point.
+        grid = np.linspace(lo, hi, int(round((hi - lo) / np.log(10.0))) + 1)
+        scanned = [evaluate(float(t)) for t in grid]
+        values = np.array([v[0] for v in scanned])
+        # Ties (a plateau, to round-off) go to the point nearest T = 1, the plug-in classifier.
+        ties = np.flatnonzero(values >= values.max() - 1e-12 * (1.0 + abs(values.max())))
+        i = int(ties[np.argmin(np.abs(grid[ties]))])
+        s = float(grid[i])
+        value, grad, curv = scanned[i]
+        lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, grid.size - 1)])
+    else:
+        s = float(np.clip(start, lo, hi))
+        value, grad, curv = evaluate(s)
+    if not np.isfinite(value):
+        return s, value  # some given label is impossible under every T
+    best = (value, s)
+    for _ in range(max_steps):
+        # The maximum lies where the derivative turns from + to -: shrink the bracket.
+        if grad > 0:
+            lo = s
+        else:
+            hi = s
+        # Stop when the bracket is closed or the function is flat to round-off around s.
+        if hi - lo < xtol or abs(grad) * (hi - lo) < gtol:
+            break
+        step = -grad / curv if curv < 0 and np.isfinite(curv) else np.nan
+        candidate = s + step
+        if not (lo < candidate < hi):
+            candidate = 0.5 * (lo + hi)
+        if abs(candidate - s) < xtol:
+            break
+        s = candidate
+        value, grad, curv = evaluate(s)
+        if value > best[0]:
+            best = (value, s)
+    return best[1], float(best[0])
 
 
 def wrong_label_log_odds(log_probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -312,50 +500,97 @@ def label_issues(
         raise ValueError("the noise model was fitted for a different number of classes")
     if not 0.0 < threshold <= 1.0:
         raise ValueError("threshold must be in (0, 1]")
-    log_r = _log_posterior_rows(d, prior, noise.temperature)
+    if calibration is not None and not calibration[0] > 0:
+        raise ValueError("the calibration slope must be positive (the map must be monotone)")
+    n = y.shape[0]
+    given_log_m = None
     if noise.kind != "none":
         # kind "none" (M = I) would say no label is ever wrong; its fields are those of the
         # temperature-scaled classifier itself, 1 - p_T(g | z).
         with np.errstate(divide="ignore"):
-            log_r = log_r + np.log(noise.transition[:, y].T)
+            given_log_m = np.log(noise.transition).T  # row g is log M[., g]
+    r = np.empty(d.shape)
+    raw_log_odds = np.empty(n)
+    log_odds = np.empty(n)
+
+    def block(rows: slice) -> None:
+        # r(y | z, g) ∝ p_T(y | z) M[y, g]: one normalisation of the joint logits.
+        log_r = d[rows] * (-0.5 / noise.temperature)
+        log_r += prior[rows] if prior.ndim == 2 else prior[None, :]
+        if given_log_m is not None:
+            log_r += given_log_m[y[rows]]
         log_r -= logsumexp(log_r, axis=1, keepdims=True)
-    rows = np.arange(y.shape[0])
-    raw_log_odds = wrong_label_log_odds(log_r, y)
-    raw_probability = expit(raw_log_odds)
-    if calibration is not None:
-        slope, intercept = calibration
-        if not slope > 0:
-            raise ValueError("the calibration slope must be positive (the map must be monotone)")
-        log_odds = slope * raw_log_odds + intercept
-        # log P(wrong) of the model = logsumexp over the other classes = log_r(g) + raw_log_odds.
-        log_wrong = log_r[rows, y] + raw_log_odds
-        shift = log_expit(log_odds) - log_wrong
-        given = log_expit(-log_odds)
-        log_r = log_r + shift[:, None]
-        log_r[rows, y] = given
-    else:
-        log_odds = raw_log_odds
-    r = np.exp(log_r)
+        g = y[rows]
+        at = np.arange(g.shape[0])
+        raw = wrong_label_log_odds(log_r, g)
+        raw_log_odds[rows] = raw
+        if calibration is None:
+            log_odds[rows] = raw
+        else:
+            slope, intercept = calibration
+            calibrated = slope * raw + intercept
+            log_odds[rows] = calibrated
+            # log P(wrong) of the model = logsumexp over the other classes = log_r(g) + raw.
+            log_r += (log_expit(calibrated) - (log_r[at, g] + raw))[:, None]
+            log_r[at, g] = log_expit(-calibrated)
+        r[rows] = np.exp(log_r)
+
+    map_row_blocks(block, n)
     suggested = r.argmax(axis=1)
     probability = expit(log_odds)
     return LabelIssues(
         probability=probability,
-        raw_probability=raw_probability,
+        raw_probability=expit(raw_log_odds),
         log_odds=log_odds,
         suggested=suggested,
-        suggested_probability=r[rows, suggested],
+        suggested_probability=r[np.arange(n), suggested],
         true_class_posterior=r,
         is_issue=probability >= threshold,
         threshold=float(threshold),
     )
 
 
-def soft_fold_gaussians(
+@dataclass(frozen=True)
+class FoldMoments:
+    """Class means, priors and tied covariance fitted on every fold but ``fold`` (no
+    eigendecomposition: at one rho a Cholesky factor is all the posterior needs).
+
+    Attributes:
+        fold: the held-out fold.
+        means: (K, D) class means centred on ``stats.reference`` (absent classes: the mean).
+        log_prior: (K,) log class weights (``-inf`` for classes without weight).
+        tied: (D, D) the tied within-class covariance (divided by the training weight).
+    """
+
+    fold: int
+    means: np.ndarray
+    log_prior: np.ndarray
+    tied: np.ndarray
+
+    def discriminant(self, rho: float) -> FoldDiscriminant:
+        """The linear form of the class posterior under ``Sigma_rho = shrink(tied, rho)``:
+        through a Cholesky factor, or through the eigendecomposition (round-off negative
+        eigenvalues clipped, as for every rho of a grid) where ``Sigma_rho`` is too close to
+        singular for one (N < D with a small rho)."""
+        try:
+            factor = cho_factor(shrink(self.tied, rho), lower=True)
+        except np.linalg.LinAlgError:
+            return self.gaussian().discriminant(rho)
+        weights = cho_solve(factor, self.means.T)
+        return FoldDiscriminant(self.fold, weights, np.einsum("kd,dk->k", self.means, weights), self.log_prior)
+
+    def gaussian(self) -> FoldGaussian:
+        """The same model with its eigendecomposition (every rho at once)."""
+        eigenvalues, eigenvectors = eigh(self.tied, driver="evr")
+        return FoldGaussian(self.fold, self.means, self.log_prior, eigenvalues, eigenvectors)
+
+
+def soft_fold_moments(
     stats: SufficientStatistics,
     features: np.ndarray,
     folds: np.ndarray,
     responsibilities: np.ndarray,
-) -> list[FoldGaussian]:
+) -> list[FoldMoments]:
     """Fold models refitted on soft labels: class ``k`` gets weight ``r_ik`` of sample ``i``.
 
     The M-step of the generative model behind :func:`label_issues` (latent true class, Gaussian
@@ -371,15 +606,19 @@ def soft_fold_gaussians(
     responsibilities : (N, K) soft labels over the sorted classes (``OutOfFold.classes``),
         e.g. ``LabelIssues.true_class_posterior``; rows sum to 1.
     """
-    x = np.asarray(features, dtype=np.float64) - stats.reference
+    x = np.asarray(features)
     folds = np.asarray(folds)
-    present = stats.counts.sum(axis=0) > 0
-    names = np.asarray(stats.classes, dtype=np.str_)
-    keep = np.flatnonzero(present)[np.argsort(names[present], kind="stable")]
-    r = np.zeros((x.shape[0], len(stats.classes)))
-    r[:, keep] = responsibilities
-    soft_counts = np.stack([r[folds == f].sum(axis=0) for f in range(stats.n_folds)])
-    soft_sums = np.stack([r[folds == f].T @ x[folds == f] for f in range(stats.n_folds)])
+    _, keep = _sorted_present_classes(stats)
+    soft_counts = np.zeros((stats.n_folds, keep.size))
+    soft_sums = np.zeros((stats.n_folds, keep.size, stats.dim))
+    for fold, rows, centred in _fold_chunks(x, folds, stats.reference):
+        r = np.asarray(responsibilities[rows], dtype=np.float64)
+        soft_counts[fold] += r.sum(axis=0)
+        soft_sums[fold] += r.T @ centred
+    # Back to the classes' order in ``stats``; absent classes keep zero weight.
+    k_all = len(stats.classes)
+    soft_counts = _scatter_classes(soft_counts, keep, k_all)
+    soft_sums = _scatter_classes(soft_sums, keep, k_all)
     out = []
     for f in range(stats.n_folds):
         train = np.arange(stats.n_folds) != f
@@ -394,11 +633,20 @@ def soft_fold_gaussians(
         means[live] = sums[live] / counts[live, None]
         means[~live] = sums.sum(axis=0) / n_train
         tied = (second - (sums[live].T / counts[live]) @ sums[live]) / n_train
-        eigenvalues, eigenvectors = eigh((tied + tied.T) / 2, driver="evr")
         with np.errstate(divide="ignore"):
             log_prior = np.where(live, np.log(np.maximum(counts, 1e-300) / n_train), -np.inf)
-        out.append(FoldGaussian(f, means, log_prior, eigenvalues, eigenvectors))
+        out.append(FoldMoments(f, means, log_prior, (tied + tied.T) / 2))
     return out
+
+
+def soft_fold_gaussians(
+    stats: SufficientStatistics,
+    features: np.ndarray,
+    folds: np.ndarray,
+    responsibilities: np.ndarray,
+) -> list[FoldGaussian]:
+    """:func:`soft_fold_moments` with each model's eigendecomposition (for rho grids)."""
+    return [moments.gaussian() for moments in soft_fold_moments(stats, features, folds, responsibilities)]
 
 
 @dataclass(frozen=True)
@@ -441,15 +689,16 @@ def find_label_issues(
         (:func:`soft_fold_gaussians`) before the final noise fit; 0 uses the given labels.
     fold_models : ``fold_gaussians(stats)`` if already computed.
     calibration : see :func:`label_issues`.
-    out_of_fold : ``out_of_fold_distances(stats, features, folds, shrinkage)`` if already
-        computed.
+    out_of_fold : ``out_of_fold_distances(stats, features, folds, shrinkage)`` (or its
+        ``relative`` form) if already computed.
     noise_sample : the noise model (T and M: K^2 + 1 numbers) is fitted on at most this many
         samples, evenly spaced in row order, then applied to all; its iterative fit is
         O(rounds x N x K) and dominated the fit job at N = 100,000 (None: every sample).
     """
     oof = out_of_fold
     if oof is None:
-        oof = out_of_fold_distances(stats, features, folds, shrinkage, fold_models)
+        models = fold_gaussians(stats) if fold_models is None else fold_models
+        oof = out_of_fold_relative_distances(stats, features, folds, [m.discriminant(shrinkage) for m in models])
     index = {c: i for i, c in enumerate(oof.classes)}
     y = np.fromiter((index[str(c)] for c in labels), dtype=np.int64, count=len(labels))
     rows = noise_rows(y.shape[0], noise_sample)
@@ -457,9 +706,10 @@ def find_label_issues(
     for _ in range(refits):
         # Soft labels from the model's own posterior (uncalibrated: the EM's E-step).
         soft = label_issues(oof.distances, oof.log_prior, y, noise, threshold, None)
-        models = soft_fold_gaussians(stats, features, folds, soft.true_class_posterior)
-        oof = out_of_fold_distances(stats, features, folds, shrinkage, models)
-        noise = fit_label_noise(oof.distances[rows], oof.log_prior[rows], y[rows], kind)
+        moments = soft_fold_moments(stats, features, folds, soft.true_class_posterior)
+        oof = out_of_fold_relative_distances(stats, features, folds, [m.discriminant(shrinkage) for m in moments])
+        # EM goes on from where it was (the soft labels came from this noise model).
+        noise = fit_label_noise(oof.distances[rows], oof.log_prior[rows], y[rows], kind, initial=noise)
     issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold, calibration)
     return LabelIssueFit(issues, noise, oof, float(shrinkage))
 
@@ -479,30 +729,36 @@ def _uniform_transition(k: int, eps: float) -> np.ndarray:
 
 def _mean_log_likelihood(log_p: np.ndarray, log_m: np.ndarray, y: np.ndarray) -> float:
     """Mean over samples of ``log sum_y p(y | z_i) M[y, g_i]``."""
-    return float(logsumexp(log_p + log_m[:, y].T, axis=1).mean())
+    given_log_m = log_m.T  # row g is log M[., g]
+
+    def block(rows: slice) -> float:
+        return float(logsumexp(log_p[rows] + given_log_m[y[rows]], axis=1).sum())
+
+    return float(np.sum(map_row_blocks(block, y.shape[0])) / y.shape[0])
 
 
 def _m_step(log_p: np.ndarray, transition: np.ndarray, y: np.ndarray, kind: NoiseKind) -> np.ndarray:
     """One EM update of M: responsibilities r_i(y) ∝ p(y | z_i) M[y, g_i], then counts."""
     k = transition.shape[0]
     with np.errstate(divide="ignore"):
-        joint = log_p + np.log(transition[:, y].T)
-    r = np.exp(joint - logsumexp(joint, axis=1, keepdims=True))
+        given_log_m = np.log(transition).T
+
+    def block(rows: slice) -> np.ndarray:
+        joint = log_p[rows] + given_log_m[y[rows]]
+        r = np.exp(joint - logsumexp(joint, axis=1, keepdims=True))
+        if kind == "uniform":
+            return np.array(r[np.arange(r.shape[0]), y[rows]].sum())
+        # counts[c, g] = sum over samples given g of r_i(c): K bincounts, O(n K) (np.add.at is
+        # an unbuffered loop; a one-hot GEMM here would run BLAS inside the block threads,
+        # which OpenBLAS serialises: 20x slower, measured).
+        return np.stack([np.bincount(y[rows], weights=r[:, c], minlength=k) for c in range(k)])
+
+    parts = map_row_blocks(block, y.shape[0])
     if kind == "uniform":
-        eps = float(np.clip(1.0 - r[np.arange(y.shape[0]), y].mean(), 1e-6, 1.0 - 1e-6))
+        eps = float(np.clip(1.0 - np.sum(parts) / y.shape[0], 1e-6, 1.0 - 1e-6))
         return _uniform_transition(k, eps)
-    # counts[c, g] = sum over samples given g of r_i(c): K bincounts, O(N K) (np.add.at is
-    # an unbuffered loop, and a one-hot GEMM would need N x K memory for the one-hot).
-    counts = np.stack([np.bincount(y, weights=r[:, c], minlength=k) for c in range(k)])
-    counts += TRANSITION_PSEUDO_COUNT
+    counts = np.sum(parts, axis=0) + TRANSITION_PSEUDO_COUNT
     return counts / counts.sum(axis=1, keepdims=True)
-
-
-def _log_posterior_rows(distances: np.ndarray, log_prior: np.ndarray, temperature: float) -> np.ndarray:
-    if log_prior.ndim == 1:
-        return log_posterior(distances, log_prior, temperature)
-    logits = distances * (-0.5 / temperature) + log_prior
-    return logits - logsumexp(logits, axis=1, keepdims=True)
 
 
 def _validated(distances, log_prior, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import eigh
 
+from service.statistics.rows import map_row_blocks
 from service.statistics.shrinkage import SHRINKAGE_GRID
 from service.statistics.sufficient import SufficientStatistics
 
@@ -55,6 +56,51 @@ class FoldGaussian:
         """(n, K) squared Mahalanobis distances to each class mean under ``Sigma_rho``."""
         lam = shrunk_eigenvalues(self.eigenvalues, rho)
         return distances_in_eigenbasis(projected, projected_means, lam)
+
+    def discriminant(self, rho: float) -> FoldDiscriminant:
+        """The linear form of this model's class posterior under ``Sigma_rho`` (from the
+        eigenbasis: ``Sigma_rho^{-1} = V diag(1 / lambda_rho) V^T``)."""
+        lam = shrunk_eigenvalues(self.eigenvalues, rho)
+        if not np.all(lam > 0):
+            raise ValueError(f"shrinkage {rho:g} leaves fold {self.fold}'s covariance singular")
+        projected_means = self.means @ self.eigenvectors
+        scaled = projected_means / lam
+        return FoldDiscriminant(
+            self.fold,
+            self.eigenvectors @ scaled.T,
+            np.einsum("kd,kd->k", projected_means, scaled),
+            self.log_prior,
+        )
+
+
+@dataclass(frozen=True)
+class FoldDiscriminant:
+    """One fold model's class posterior at one rho, as a linear form.
+
+    ``MD_k(z) = |z - r|^2 - 2 (z - r) . w_k + c_k`` under ``Sigma_rho^{-1}``; the first term is
+    the same for every class and cancels in a softmax over classes at any temperature, so the
+    posterior needs only :meth:`relative_distances`: N x D x K flops, where the distances
+    themselves need the N x D^2 projection on the eigenbasis.
+
+    Attributes:
+        fold: the held-out fold.
+        weights: (D, K) ``w_k = Sigma_rho^{-1} m_k`` (means centred on ``stats.reference``).
+        offsets: (K,) ``c_k = m_k^T Sigma_rho^{-1} m_k``.
+        log_prior: (K,) as :class:`FoldGaussian`.
+    """
+
+    fold: int
+    weights: np.ndarray
+    offsets: np.ndarray
+    log_prior: np.ndarray
+
+    def relative_distances(self, centred: np.ndarray) -> np.ndarray:
+        """(n, K) ``MD_k(z) - |z - r|^2_{Sigma_rho^{-1}}`` for (n, D) features centred on
+        ``stats.reference``: the distances shifted by a constant per row (may be negative)."""
+        out = centred @ self.weights
+        out *= -2.0
+        out += self.offsets[None, :]
+        return out
 
 
 def shrunk_eigenvalues(eigenvalues: np.ndarray, rho: float) -> np.ndarray:
@@ -89,10 +135,17 @@ def logsumexp(a: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarr
 
 
 def log_posterior(distances: np.ndarray, log_prior: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """(n, K) ``log softmax_k(-MD_k / (2 T) + log pi_k)``; classes with prior ``-inf`` get
-    ``-inf``."""
-    logits = distances * (-0.5 / temperature) + log_prior[None, :]
-    return logits - logsumexp(logits, axis=1, keepdims=True)
+    """(n, K) ``log softmax_k(-MD_k / (2 T) + log pi_k)`` for a (K,) or (n, K) ``log_prior``;
+    classes with prior ``-inf`` get ``-inf``. Computed in row blocks (:mod:`.rows`)."""
+    out = np.empty(np.shape(distances))
+
+    def block(rows: slice) -> None:
+        prior = log_prior[rows] if log_prior.ndim == 2 else log_prior[None, :]
+        logits = distances[rows] * (-0.5 / temperature) + prior
+        out[rows] = logits - logsumexp(logits, axis=1, keepdims=True)
+
+    map_row_blocks(block, out.shape[0])
+    return out
 
 
 def fold_gaussians(stats: SufficientStatistics) -> list[FoldGaussian]:

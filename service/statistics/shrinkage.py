@@ -8,12 +8,17 @@ covariance the whole grid costs O(D) per point.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.linalg import eigh
 
 from service.statistics.sufficient import SufficientStatistics
+
+if TYPE_CHECKING:  # selection imports this module's grid
+    from service.statistics.selection import FoldGaussian
 
 SHRINKAGE_GRID: tuple[float, ...] = (
     1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0,
@@ -54,13 +59,18 @@ def _pooled(stats: SufficientStatistics, folds: np.ndarray):
 
 
 def _grid_log_likelihood(
-    covariance: np.ndarray, held_out_scatter: np.ndarray, n_held_out: int, grid: tuple[float, ...]
+    covariance: np.ndarray,
+    held_out_scatter: np.ndarray,
+    n_held_out: int,
+    grid: tuple[float, ...],
+    eigen: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Sum over held-out samples of log N(z; mu, Sigma_rho) for each rho on the grid, given
-    the held-out scatter ``sum (z - mu)(z - mu)^T`` around the training means."""
+    the held-out scatter ``sum (z - mu)(z - mu)^T`` around the training means (``eigen``: the
+    covariance's eigendecomposition, if already computed)."""
     d = covariance.shape[0]
     # LAPACK's MRRR driver (syevr): several times faster than numpy's divide-and-conquer here.
-    eigenvalues, eigenvectors = eigh(covariance, driver="evr")
+    eigenvalues, eigenvectors = eigh(covariance, driver="evr") if eigen is None else eigen
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     target = eigenvalues.sum() / d
     # Diagonal of V^T A V without forming it.
@@ -78,9 +88,16 @@ def _grid_log_likelihood(
 
 
 def cross_validate_shrinkage(
-    stats: SufficientStatistics, grid: tuple[float, ...] = SHRINKAGE_GRID
+    stats: SufficientStatistics,
+    grid: tuple[float, ...] = SHRINKAGE_GRID,
+    fold_models: Sequence[FoldGaussian] | None = None,
 ) -> CrossValidation:
-    """Held-out Gaussian log-likelihood of each shrinkage amount, from per-fold statistics."""
+    """Held-out Gaussian log-likelihood of each shrinkage amount, from per-fold statistics.
+
+    ``fold_models``: ``selection.fold_gaussians(stats)`` if already computed; their
+    eigendecompositions of the training tied covariances are the ones needed here (the fit job
+    computes them once for this and for the label-issue model)."""
+    tied_eigen = {m.fold: (m.eigenvalues, m.eigenvectors) for m in fold_models or ()}
     folds = np.arange(stats.n_folds)
     ll_tied = np.zeros(len(grid))
     ll_agnostic = np.zeros(len(grid))
@@ -116,7 +133,7 @@ def cross_validate_shrinkage(
             - np.outer(global_mean, held_total)
             + n_f * np.outer(global_mean, global_mean)
         )
-        ll_tied += _grid_log_likelihood(tied, scatter_tied, n_f, grid)
+        ll_tied += _grid_log_likelihood(tied, scatter_tied, n_f, grid, tied_eigen.get(int(f)))
         ll_agnostic += _grid_log_likelihood(agnostic, scatter_agnostic, n_f, grid)
     if used == 0:
         raise ValueError(
