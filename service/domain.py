@@ -57,6 +57,13 @@ class ExecutorKind(StrEnum):
     RAY = "ray"  # a Ray cluster (RAY_ADDRESS, or a private local one)
 
 
+class KnnSearch(StrEnum):
+    """How a fit's kNN label agreement found each sample's neighbours."""
+
+    EXACT = "exact"  # flat index: every sample compared with every other
+    APPROXIMATE = "approximate"  # inverted-file index above the exact limit (recall measured)
+
+
 def literal_values(enum: type[StrEnum]) -> tuple[str, ...]:
     """The members' values, for ``Literal[...]`` wire types (same OpenAPI as a literal list)."""
     return tuple(member.value for member in enum)

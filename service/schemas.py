@@ -8,12 +8,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.domain import JobState, UploadKind, literal_values
+from service.domain import JobState, KnnSearch, UploadKind, literal_values
 from service.statistics.gaussian import parse_shrinkage
 
 # Literal lists (not enum classes) keep the OpenAPI document as it was: inline string enums.
 JobStateName = Literal[literal_values(JobState)]  # type: ignore[valid-type]
 UploadKindName = Literal[literal_values(UploadKind)]  # type: ignore[valid-type]
+KnnSearchName = Literal[literal_values(KnnSearch)]  # type: ignore[valid-type]
 
 
 class DatasetCreate(BaseModel):
@@ -58,6 +59,9 @@ class FitOut(BaseModel):
     num_scored: int
     dim: int
     knn_k: int | None
+    # "exact" or "approximate" (an inverted-file index above DIFFICULTY_KNN_MAX_ITEMS samples);
+    # null for fits made before it was recorded.
+    knn_search: KnnSearchName | None = None
 
 
 class DatasetOut(BaseModel):

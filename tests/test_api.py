@@ -118,6 +118,7 @@ def test_embeddings_dataset_end_to_end(server):
         for key in ("id", "created_at", "normalize", "shrinkage", "shrinkage_agnostic", "encoder", "weights_sha256"):
             assert key in fit
         assert fit["id"] == job["result"]["fit_id"] and fit["normalize"] is True
+        assert fit["knn_k"] == 10 and fit["knn_search"] == "exact"
 
         # Whole table: Arrow stream with the fit id, parquet and csv agree.
         arrow = c.get(f"/v1/datasets/{dataset_id}/scores", params={"format": "arrow"})

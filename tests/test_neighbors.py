@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from service.pipeline.fit_dataset import knn_column
-from service.pipeline.neighbors import knn_agreement
+from service.domain import KnnSearch
+from service.pipeline.neighbors import knn_agreement, knn_search
 from service.statistics import normalize_features
 from service.storage.embeddings import EmbeddingStore
 
@@ -46,3 +47,43 @@ def test_tiny_sets_and_unlabelled_rows(tmp_path):
     store.write_chunk(1, [str(i) for i in range(20, 40)], chunk_labels[20:].tolist(), features[20:])
     keep = chunk_labels != ""
     np.testing.assert_allclose(knn_column(store, 3), brute_force(features[keep], chunk_labels[keep], 3), atol=1e-12)
+
+
+def clustered(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 8, n)
+    x = rng.normal(size=(8, d))[y] * 3 + rng.normal(size=(n, d))
+    return normalize_features(x).astype(np.float32), np.asarray([f"c{v}" for v in y])
+
+
+def test_inverted_file_search_above_the_exact_limit_is_close_to_exact():
+    x, labels = clustered(3000, 16, seed=5)
+    want = brute_force(x, labels, 10)
+    done = []
+    got = knn_agreement(x, labels, 10, exact_max_items=1000, progress=done.append)
+    assert knn_search(3000, 1000) is KnnSearch.APPROXIMATE and knn_search(1000, 1000) is KnnSearch.EXACT
+    assert done[-1] == 3000
+    # Approximate: most rows agree exactly with the exhaustive answer, and none is far off.
+    assert np.mean(np.abs(got - want) < 1e-12) > 0.95
+    assert np.abs(got - want).max() <= 0.3
+
+
+def test_inverted_file_search_probing_every_list_is_exact():
+    # 60 rows: at most 60 // 8 = 7 lists, all probed (IVF_PROBES = 8): an exhaustive search.
+    x, labels = clustered(60, 6, seed=6)
+    got = knn_agreement(x, labels, 5, exact_max_items=10)
+    np.testing.assert_allclose(got, brute_force(x, labels, 5), atol=1e-12)
+
+
+def test_fit_above_the_exact_limit_fills_the_column_approximately(tmp_path):
+    from service.pipeline.fit_dataset import FitSettings, fit_and_score
+
+    x, labels = clustered(600, 8, seed=7)
+    store = EmbeddingStore(tmp_path / "store")
+    store.write_chunk(0, [f"s{i}" for i in range(600)], labels.tolist(), x)
+    exact = fit_and_score(store, FitSettings(shrinkage=0.01, knn_k=5))
+    approximate = fit_and_score(store, FitSettings(shrinkage=0.01, knn_k=5, knn_max_items=100))
+    assert exact.knn_search is KnnSearch.EXACT and approximate.knn_search is KnnSearch.APPROXIMATE
+    a = approximate.scores.column("knn_agreement").to_numpy()
+    b = exact.scores.column("knn_agreement").to_numpy()
+    assert not np.isnan(a).any() and np.mean(np.abs(a - b) < 1e-12) > 0.95

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-normalize", action="store_true", help="do not L2-normalise features")
     score.add_argument("--knn-k", type=int, default=10, help="neighbors for the knn_agreement column")
     score.add_argument(
-        "--knn-max-items", type=int, default=20_000, help="above this many samples knn_agreement is left empty"
+        "--knn-max-items", type=int, default=20_000, help="exact kNN up to this many samples; an approximate (inverted-file) index above"
     )
     score.add_argument(
         "--label-issues", default=None, metavar="CSV",

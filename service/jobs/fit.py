@@ -111,7 +111,7 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
     fit_id = new_id()
     files = FitFiles.of(settings.data_dir, job.dataset_id, fit_id)
     publish(outcome, files)
-    model, num_scored, knn_k = outcome.model, outcome.scores.num_rows, outcome.knn_k
+    model, num_scored, knn_k, knn_search = outcome.model, outcome.scores.num_rows, outcome.knn_k, outcome.knn_search
     summary = class_summary(outcome.scores)
     del outcome
     images = any(u.kind != UploadKind.EMBEDDINGS for u in pending)
@@ -143,6 +143,7 @@ def run_fit_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmaker)
                 num_scored=num_scored,
                 dim=model.dim,
                 knn_k=knn_k,
+                knn_search=knn_search,
                 summary=summary,
             )
         )

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from service.domain import JobStage
+from service.domain import JobStage, KnnSearch
 from service.pipeline.fitting import labelled_statistics, score_store
 from service.pipeline.map2d import pca_map
 from service.statistics import (
@@ -68,7 +68,7 @@ class FitSettings:
     normalize: bool = True
     shrinkage: Shrinkage = "auto"
     knn_k: int = 10
-    # Exact kNN is O(N^2 D): above this many samples the column is null rather than hours of work.
+    # Exact kNN is O(N^2 D): above this many samples an inverted-file index (pipeline.neighbors).
     knn_max_items: int = 20_000
 
     def __post_init__(self) -> None:
@@ -79,10 +79,11 @@ class FitSettings:
 class FitOutcome:
     model: GaussianModel
     scores: pa.Table  # SCORE_COLUMNS + KNN_COLUMN
-    knn_k: int | None  # None where the column is null (too many samples)
+    knn_k: int | None  # the k of the kNN column (fewer where the dataset has fewer samples)
     num_chunks: int  # the store's chunks the fit covers (the neighbor index's snapshot)
     map_xy: np.ndarray | None = None  # (N, 2) PCA map row-aligned with scores (pipeline.map2d)
     issue_log_odds: np.ndarray | None = None  # (N,) the label-issue ranking key, row-aligned
+    knn_search: KnnSearch | None = None  # exact or approximate neighbours behind the kNN column
 
 
 def copy_embeddings(
@@ -135,17 +136,13 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
     # The labelled features are read (and normalised) once, for the neighbor column and the
     # label-issue model alike.
     ids, labels, features = labelled_features(store, normalize=settings.normalize)
-    knn_k: int | None = None
-    if scores.num_rows <= settings.knn_max_items:
-        stages.set_stage(JobStage.NEIGHBORS, scores.num_rows)
-        from service.pipeline.neighbors import knn_agreement
+    stages.set_stage(JobStage.NEIGHBORS, scores.num_rows)
+    from service.pipeline.neighbors import knn_agreement, knn_search
 
-        unit = features if settings.normalize else normalize_features(features).astype(np.float32)
-        agreement = knn_agreement(unit, labels, settings.knn_k)
-        knn_k = min(settings.knn_k, max(scores.num_rows - 1, 0))
-        stages.progress(scores.num_rows)
-    else:
-        agreement = np.full(scores.num_rows, np.nan)
+    unit = features if settings.normalize else normalize_features(features).astype(np.float32)
+    agreement = knn_agreement(unit, labels, settings.knn_k, settings.knn_max_items, progress=stages.progress)
+    del unit
+    knn_k = min(settings.knn_k, max(scores.num_rows - 1, 0))
     scores = scores.append_column(KNN_COLUMN, pa.array(agreement, pa.float64(), from_pandas=True))
     stages.check()
     stages.set_stage(JobStage.LABEL_ISSUES, scores.num_rows)
@@ -157,7 +154,8 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
     stages.check()
     stages.set_stage(JobStage.MAP, scores.num_rows)
     xy = pca_map(model, store, num_chunks)
-    return FitOutcome(model, scores, knn_k, num_chunks, xy, issues.log_odds)
+    search = knn_search(scores.num_rows, settings.knn_max_items)
+    return FitOutcome(model, scores, knn_k, num_chunks, xy, issues.log_odds, search)
 
 
 @dataclass(frozen=True)

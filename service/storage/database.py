@@ -99,6 +99,7 @@ class Fit(Base):
     num_scored: Mapped[int] = mapped_column(Integer)
     dim: Mapped[int] = mapped_column(Integer)
     knn_k: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    knn_search: Mapped[str | None] = mapped_column(String(16), nullable=True)  # domain.KnnSearch
     summary: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
 
 

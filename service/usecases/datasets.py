@@ -49,6 +49,7 @@ def fit_out(fit: Fit) -> schemas.FitOut:
         num_scored=fit.num_scored,
         dim=fit.dim,
         knn_k=fit.knn_k,
+        knn_search=fit.knn_search,
     )
 
 
