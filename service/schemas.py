@@ -15,6 +15,10 @@ from service.statistics.gaussian import parse_shrinkage
 JobStateName = Literal[literal_values(JobState)]  # type: ignore[valid-type]
 UploadKindName = Literal[literal_values(UploadKind)]  # type: ignore[valid-type]
 KnnSearchName = Literal[literal_values(KnnSearch)]  # type: ignore[valid-type]
+# Page cursors are unpadded URL-safe base64 (storage.scores, storage.scorings). Declaring it keeps
+# a schema-valid request line short: the HTTP server refuses request heads over
+# DIFFICULTY_HTTP_MAX_HEADER_BYTES, and 4,096 arbitrary characters percent-encode to 48 KiB.
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]*$"
 
 
 class DatasetCreate(BaseModel):

@@ -83,7 +83,7 @@ def get_map_rows(
     dataset_id: str,
     ctx: Context,
     tenant: Tenant,
-    rows: Annotated[str, Query(max_length=20000, description="comma-separated row numbers of the map")],
+    rows: Annotated[str, Query(max_length=20000, pattern=r"^[0-9, ]*$", description="comma-separated row numbers of the map")],
 ) -> schemas.MapRows:
     return samples.map_rows(ctx, tenant, dataset_id, rows)
 
