@@ -383,12 +383,19 @@ def group_runs(
     return out
 
 
-def select(runs: list[dict[str, Any]], criterion: str = "nll") -> dict[str, Any]:
+def select(
+    runs: list[dict[str, Any]], criterion: str = "nll", fixed: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Per regime and method: the configuration with the lowest mean validation ``criterion``
     (noisy validation labels; the clean-validation choice beside it). Then the default mapping:
     for each (mapping, T), its regret per regime = its best-alpha validation NLL minus the best
     difficulty-aware validation NLL there; the (mapping, T) with the lowest mean regret wins, and
-    its default alpha the same way."""
+    its default alpha the same way.
+
+    ``fixed``: an earlier selection whose default stays the default (a regime added after the
+    default was committed must not move it, or its final runs would have chosen it). Its default,
+    the regimes it was chosen on and their regret table are kept; what these runs alone would
+    choose is recorded beside it (``default_recomputed``, ``mapping_regret_all``)."""
     grouped = group_runs(runs)
     per_regime: dict[str, Any] = {}
     for regime, configs in grouped.items():
@@ -427,7 +434,7 @@ def select(runs: list[dict[str, Any]], criterion: str = "nll") -> dict[str, Any]
     if default is not None:
         alphas = {a: statistics.fmean(v) for (m, t, a), v in alpha_regret.items() if (m, t) == default}
         default_alpha = min(alphas, key=alphas.get)
-    return {
+    result = {
         "criterion": criterion,
         "regimes": list(grouped),
         "per_regime": per_regime,
@@ -437,6 +444,14 @@ def select(runs: list[dict[str, Any]], criterion: str = "nll") -> dict[str, Any]
         "default": None if default is None else
         {"mapping": default[0], "temperature": default[1], "alpha": default_alpha},
     }  # fmt: skip
+    result["default_regimes"] = result["regimes"]
+    if fixed is not None and fixed.get("default"):
+        result["default_recomputed"] = result["default"]
+        result["mapping_regret_all"] = result["mapping_regret"]
+        result["default"] = fixed["default"]
+        result["default_regimes"] = fixed.get("default_regimes", fixed["regimes"])
+        result["mapping_regret"] = fixed["mapping_regret"]
+    return result
 
 
 def best_with(
@@ -488,6 +503,37 @@ def _cached_group(path: Path, train: Any) -> list[dict[str, Any]]:
     tmp.write_text(json.dumps(rows, default=float))
     tmp.replace(path)
     return rows
+
+
+def restore_cache(saved: dict[str, Any], work: Path) -> list[str]:
+    """Write the cached groups (and the selection) of an earlier run's output JSON back into a
+    work directory, where missing: a later invocation over more regimes then reuses those runs
+    instead of retraining them, and its output holds the old regimes' results unchanged.
+    Returns the files written."""
+    written = []
+
+    def put(path: Path, rows: list[dict[str, Any]]) -> None:
+        if rows and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rows, default=float))
+            written.append(str(path))
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in saved["select_runs"]:
+        groups.setdefault((r["regime"], r["seed"]), []).append(r)
+    for (name, seed), rows in groups.items():
+        put(work / "select" / f"{name}-{seed}.json", rows)
+    groups = {}
+    for r in saved["final_runs"]:
+        groups.setdefault((r["regime"], r["seed"]), []).append(r)
+    for (name, seed), rows in groups.items():
+        put(work / "final" / f"{name}-{seed}-baselines.json", [r for r in rows if r["role"] in BASELINE_ROLES])
+        put(work / "final" / f"{name}-{seed}-difficulty.json", [r for r in rows if r["role"] not in BASELINE_ROLES])
+    select_path = work / "selection.json"
+    if not select_path.exists():
+        select_path.write_text(json.dumps({"runs": saved["select_runs"], "selection": saved["selection"]}, default=float))
+        written.append(str(select_path))
+    return written
 
 
 def run_select(args: argparse.Namespace, pools: Pools, regimes: dict[str, Regime]) -> list[dict]:
@@ -599,11 +645,21 @@ def markdown(select_runs: list[dict], selection: dict[str, Any], final_runs: lis
              f"{selection['criterion']}.", ""]  # fmt: skip
     d = selection["default"]
     if d:
-        lines += [f"Default chosen on validation over the regimes {', '.join(selection.get('regimes', []))}: "
+        chosen_on = selection.get("default_regimes", selection.get("regimes", []))
+        lines += [f"Default chosen on validation over the regimes {', '.join(chosen_on)}: "
                   f"mapping `{d['mapping']}`, T = {d['temperature']}, alpha = {d['alpha']}.", "",
                   "| mapping | T | mean validation-NLL regret over regimes |", "|---|---|---|"]  # fmt: skip
         lines += [f"| {r['mapping']} | {r['temperature']} | {r['mean_regret']:.4f} |" for r in selection["mapping_regret"]]
         lines.append("")
+        added = sorted(set(selection["regimes"]) - set(chosen_on))
+        if "mapping_regret_all" in selection and added:
+            r0 = selection["default_recomputed"]
+            lines += [f"The default was fixed before the regimes {', '.join(added)} "
+                      f"were run. Over all the regimes {', '.join(selection['regimes'])} (a check, not a choice), "
+                      f"these runs alone would choose mapping `{r0['mapping']}`, T = {r0['temperature']}, alpha = {r0['alpha']}:", "",
+                      "| mapping | T | mean validation-NLL regret over all regimes |", "|---|---|---|"]  # fmt: skip
+            lines += [f"| {r['mapping']} | {r['temperature']} | {r['mean_regret']:.4f} |" for r in selection["mapping_regret_all"]]
+            lines.append("")
     final = group_runs(final_runs, by_role=True)
     for regime, configs in final.items():
         regime_runs = [r for v in configs.values() for r in v]
@@ -668,6 +724,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds-sized: 2 tiny regimes, 2 epochs")
     parser.add_argument("--write-selection", action="store_true",
                         help="select: write the selection from --regimes even if not all of them")  # fmt: skip
+    parser.add_argument("--keep-default", action="store_true",
+                        help="select: keep the default mapping of the work dir's selection.json "
+                             "(fixed before a regime was added)")  # fmt: skip
+    parser.add_argument("--restore-from", default=None,
+                        help="an earlier output JSON: its cached runs and selection are written "
+                             "into --work-dir where missing, so they are reused, not retrained")  # fmt: skip
     args = parser.parse_args(argv)  # fmt: skip
     torch.set_num_threads(args.threads)
     table = SMOKE_REGIMES if args.smoke else REGIMES
@@ -676,10 +738,18 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     select_path = work / "selection.json"
+    if args.restore_from:
+        written = restore_cache(json.loads(Path(args.restore_from).read_text()), work)
+        print(f"restored {len(written)} cached files from {args.restore_from}", flush=True)
     started = time.perf_counter()
     if args.stage in ("select", "all"):
         select_runs = run_select(args, pools, regimes)
-        selection = select(select_runs)
+        fixed = None
+        if args.keep_default:
+            if not select_path.exists():
+                parser.error(f"--keep-default: no {select_path} to keep the default of")
+            fixed = json.loads(select_path.read_text())["selection"]
+        selection = select(select_runs, fixed=fixed)
         if args.regimes and set(args.regimes) != set(table) and not args.write_selection:
             print("a subset of the regimes: runs cached, no selection written", flush=True)
             return 0

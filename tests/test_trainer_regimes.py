@@ -77,6 +77,27 @@ def test_selection_uses_validation_only():
     assert R.select(runs)["default"] == {"mapping": "rank", "temperature": 0.3, "alpha": 1.0}
 
 
+def test_a_fixed_default_stays_when_a_regime_is_added():
+    def run(regime, mapping, t, alpha, val_nll):
+        return {"regime": regime, "method": "difficulty", "seed": 0, "weights": {},
+                "params": {"mapping": mapping, "temperature": t, "alpha": alpha},
+                "val_noisy": {"nll": val_nll}, "val_clean": {"nll": val_nll}}  # fmt: skip
+
+    runs = [run("a", "quantile", None, 1.0, 0.8), run("a", "rank", 0.3, 1.0, 0.9)]
+    fixed = R.select(runs)
+    assert fixed["default"] == {"mapping": "quantile", "temperature": None, "alpha": 1.0}
+    # A new regime where rank wins by far: alone, the runs would now pick rank ...
+    runs += [run("b", "quantile", None, 1.0, 2.0), run("b", "rank", 0.3, 1.0, 0.5)]
+    assert R.select(runs)["default"]["mapping"] == "rank"
+    # ... but the committed default stays, with what the runs alone would pick beside it.
+    kept = R.select(runs, fixed=fixed)
+    assert kept["default"] == fixed["default"] and kept["default_regimes"] == ["a"]
+    assert kept["mapping_regret"] == fixed["mapping_regret"]
+    assert kept["default_recomputed"]["mapping"] == "rank" and kept["regimes"] == ["a", "b"]
+    assert set(kept["per_regime"]) == {"a", "b"}
+    assert R.select(runs, fixed=kept)["default"] == fixed["default"]  # and again
+
+
 def test_smoke_run_both_stages(tmp_path):
     try:
         _, labels = load_fashion_mnist("train")
@@ -110,3 +131,15 @@ def test_smoke_run_both_stages(tmp_path):
             assert 0 <= da["test"]["ece"] <= 1 and da["test"]["accuracy"] > 0
     text = out.with_suffix(".md").read_text()
     assert "Every configuration tried" in text and "## sym20 (final, test set)" in text
+
+    # Restored into an empty work dir, the output's runs are reused as they are: a final run
+    # over one regime plus the restored ones gives back the same results, nothing retrained.
+    again = tmp_path / "out" / "again"
+    code = R.main(["final", "--smoke", "--features", str(tmp_path / "f.npz"), "--ood", "none",
+                   "--work-dir", str(tmp_path / "work2"), "--out", str(again), "--test-subset", "300",
+                   "--restore-from", str(out.with_suffix(".json"))])  # fmt: skip
+    assert code == 0
+    restored = json.loads(again.with_suffix(".json").read_text())
+    assert restored["final_runs"] == result["final_runs"]
+    assert restored["select_runs"] == result["select_runs"]
+    assert restored["selection"] == result["selection"]
