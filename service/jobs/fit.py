@@ -31,7 +31,9 @@ from service.storage.scores import class_summary
 from service.storage.uploads import UploadFiles
 
 if TYPE_CHECKING:  # the image pipeline (torch) is imported only by jobs that embed images
-    from service.pipeline.embedding import ChunkExecutor
+    from pathlib import Path
+
+    from service.pipeline.embedding import ChunkExecutor, EmbedReport
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ def _embed_pending(
             if upload.kind == UploadKind.EMBEDDINGS:
                 embedded, failed = _copy_upload(upload, files, store, ctx, settings, db, done), 0
             else:
-                executor = executor or _image_executor(encoder_name, settings)
+                executor = executor or image_executor(encoder_name, settings)
                 embedded, failed = _embed_upload(upload, files, store, executor, ctx, settings, done)
             _mark_embedded(db, upload.id, embedded, failed)
             done += upload.num_items
@@ -253,7 +255,59 @@ def _load_image_encoder(name: str, device: str):  # type: ignore[no-untyped-def]
         raise JobFailed(str(exc)) from None
 
 
-def _image_executor(encoder_name: str, settings: Settings) -> ChunkExecutor:
+def embed_archive(
+    archive: Path,
+    executor: ChunkExecutor,
+    store: EmbeddingStore,
+    ctx: JobContext,
+    settings: Settings,
+    total: int | None,
+    done_before: int = 0,
+) -> EmbedReport:
+    """Embed an archive's images into ``store`` under the job's lease: progress (offset by
+    ``done_before``), cancellation, and the executor's failures as job failures. Shared by the
+    fit job (uploads) and the scoring job (an archive to score)."""
+    from service.ingest import open_source
+    from service.pipeline.embedding import embed_source
+
+    chunks_before = store.next_index()
+
+    def progress(done: int, _total: int | None) -> None:
+        ctx.progress(done_before + done)
+        if ctx.chunk_delay_seconds > 0:
+            # Test setting: pause after each new chunk (a resume point), as for embeddings.
+            nonlocal chunks_before
+            now = store.next_index()
+            if now != chunks_before:
+                chunks_before = now
+                time.sleep(ctx.chunk_delay_seconds)
+
+    try:
+        report = embed_source(
+            open_source(archive),
+            executor,
+            store,
+            total=total,
+            chunk_size=settings.image_chunk_rows,
+            progress=progress,
+            should_stop=ctx.should_stop,
+        )
+    except (JobFailed, JobStopped):
+        raise
+    except EncoderError as exc:
+        raise JobFailed(str(exc)) from None
+    except Exception as exc:
+        if settings.executor != ExecutorKind.RAY:
+            raise
+        # A RayTaskError wraps the actor's own error (e.g. missing weights).
+        cause = getattr(exc, "cause", None) or exc
+        raise JobFailed(f"embedding on Ray failed: {type(cause).__name__}: {cause}") from None
+    if report.stopped:
+        ctx.check()  # raises JobStopped: cancelled or lease lost
+    return report
+
+
+def image_executor(encoder_name: str, settings: Settings) -> ChunkExecutor:
     """The executor strategy the settings name, for this dataset's encoder."""
     if settings.executor == ExecutorKind.RAY:
         try:
@@ -282,41 +336,5 @@ def _embed_upload(
     settings: Settings,
     done_before: int,
 ) -> tuple[int, int]:
-    from service.ingest import open_source
-    from service.pipeline.embedding import embed_source
-
-    chunks_before = store.next_index()
-
-    def progress(done: int, total: int | None) -> None:
-        ctx.progress(done_before + done)
-        if ctx.chunk_delay_seconds > 0:
-            # Test setting: pause after each new chunk (a resume point), as for embeddings.
-            nonlocal chunks_before
-            now = store.next_index()
-            if now != chunks_before:
-                chunks_before = now
-                time.sleep(ctx.chunk_delay_seconds)
-
-    try:
-        report = embed_source(
-            open_source(files.archive),
-            executor,
-            store,
-            total=upload.num_items,
-            chunk_size=settings.image_chunk_rows,
-            progress=progress,
-            should_stop=ctx.should_stop,
-        )
-    except (JobFailed, JobStopped):
-        raise
-    except EncoderError as exc:
-        raise JobFailed(str(exc)) from None
-    except Exception as exc:
-        if settings.executor != ExecutorKind.RAY:
-            raise
-        # A RayTaskError wraps the actor's own error (e.g. missing weights).
-        cause = getattr(exc, "cause", None) or exc
-        raise JobFailed(f"embedding on Ray failed: {type(cause).__name__}: {cause}") from None
-    if report.stopped:
-        ctx.check()  # raises JobStopped: cancelled or lease lost
+    report = embed_archive(files.archive, executor, store, ctx, settings, upload.num_items, done_before)
     return int(report.embedded) + int(report.skipped_existing), len(report.failures)

@@ -13,7 +13,6 @@ is deleted.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -21,10 +20,9 @@ import pyarrow as pa
 from sqlalchemy.orm import sessionmaker
 
 from service.domain import FINAL_JOB_STATES, JobKind, JobStage, JobState
-from service.encoders.names import EncoderError
 from service.errors import InvalidInput
 from service.jobs import queue
-from service.jobs.context import JobContext, JobFailed, JobStopped
+from service.jobs.context import JobContext, JobFailed
 from service.settings import Settings
 from service.statistics import GaussianModel
 from service.storage import layout
@@ -117,41 +115,15 @@ def run_score_job(job: Job, ctx: JobContext, settings: Settings, db: sessionmake
 def _embed(
     files: ScoringFiles, store: EmbeddingStore, encoder_name: str, total: int | None, ctx: JobContext, settings: Settings
 ) -> None:
-    # The fit job's executor strategy and encoder loading (the same failures, the same Ray path).
-    from service.ingest import open_source
-    from service.jobs.fit import _image_executor
-    from service.pipeline.embedding import embed_source
+    # The fit job's executor strategy, encoder loading and embedding driver (the same failures,
+    # the same Ray path).
+    from service.jobs.fit import embed_archive, image_executor
 
-    executor = _image_executor(encoder_name, settings)
-    chunks_before = store.next_index()
-
-    def progress(done: int, _total: int | None) -> None:
-        ctx.progress(done)
-        if ctx.chunk_delay_seconds > 0:  # test setting: pause after each new chunk, as fits do
-            nonlocal chunks_before
-            now = store.next_index()
-            if now != chunks_before:
-                chunks_before = now
-                time.sleep(ctx.chunk_delay_seconds)
-
+    executor = image_executor(encoder_name, settings)
     try:
-        report = embed_source(
-            open_source(files.archive),
-            executor,
-            store,
-            total=total,
-            chunk_size=settings.image_chunk_rows,
-            progress=progress,
-            should_stop=ctx.should_stop,
-        )
-    except (JobFailed, JobStopped):
-        raise
-    except EncoderError as exc:
-        raise JobFailed(str(exc)) from None
+        embed_archive(files.archive, executor, store, ctx, settings, total)
     finally:
         executor.close()
-    if report.stopped:
-        ctx.check()  # raises JobStopped: cancelled or lease lost
 
 
 def release_inputs(settings: Settings, db: sessionmaker, job_id: str) -> None:

@@ -183,11 +183,7 @@ def out_of_fold_distances_grid(
             distances[i, rows] = distances_in_eigenbasis(u, projected_means, lam)
         log_prior[rows] = model.log_prior[keep]
         covered[rows] = True
-    if not covered.all():
-        raise ValueError(
-            "out-of-fold distances undefined for some samples: their fold has no model (a fold "
-            "outside stats.n_folds, or fewer than 2 samples outside it)"
-        )
+    _check_covered(covered)
     return [OutOfFold(names[keep], distances[i], log_prior) for i in range(len(rhos))]
 
 
@@ -218,12 +214,16 @@ def out_of_fold_relative_distances(
         distances[rows] = model.relative_distances(centred)[:, keep]
         log_prior[rows] = model.log_prior[keep]
         covered[rows] = True
+    _check_covered(covered)
+    return OutOfFold(names[keep], distances, log_prior, relative=True)
+
+
+def _check_covered(covered: np.ndarray) -> None:
     if not covered.all():
         raise ValueError(
             "out-of-fold distances undefined for some samples: their fold has no model (a fold "
             "outside stats.n_folds, or fewer than 2 samples outside it)"
         )
-    return OutOfFold(names[keep], distances, log_prior, relative=True)
 
 
 def _fold_chunks(
