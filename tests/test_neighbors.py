@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.pipeline.fit_dataset import knn_column
 from service.domain import KnnSearch
+from service.pipeline.fit_dataset import knn_column
 from service.pipeline.neighbors import knn_agreement, knn_search
 from service.statistics import normalize_features
 from service.storage.embeddings import EmbeddingStore
@@ -87,3 +87,34 @@ def test_fit_above_the_exact_limit_fills_the_column_approximately(tmp_path):
     a = approximate.scores.column("knn_agreement").to_numpy()
     b = exact.scores.column("knn_agreement").to_numpy()
     assert not np.isnan(a).any() and np.mean(np.abs(a - b) < 1e-12) > 0.95
+
+
+class StopInside:
+    """Stages that record progress per stage and raise at the n-th report of one stage."""
+
+    def __init__(self, stage, at: int) -> None:
+        self.stage, self.at, self.current, self.reports = stage, at, None, {}
+
+    def set_stage(self, stage, total) -> None:
+        self.current = stage
+
+    def progress(self, done, total=None) -> None:
+        self.reports.setdefault(self.current, []).append(done)
+        if self.current == self.stage and len(self.reports[self.current]) >= self.at:
+            raise RuntimeError(f"stopped inside {self.stage}")
+
+    def check(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("stage", ["neighbors", "label_issues", "map"])
+def test_long_fit_stages_report_progress_inside_so_a_stop_is_seen(tmp_path, stage):
+    from service.domain import JobStage
+    from service.pipeline.fit_dataset import FitSettings, fit_and_score
+
+    x, labels = clustered(9000, 8, seed=8)
+    store = EmbeddingStore(tmp_path / "store")
+    for c, start in enumerate(range(0, 9000, 3000)):
+        store.write_chunk(c, [f"s{i}" for i in range(start, start + 3000)], labels[start : start + 3000].tolist(), x[start : start + 3000])
+    with pytest.raises(RuntimeError, match="stopped inside"):
+        fit_and_score(store, FitSettings(shrinkage=0.01), StopInside(JobStage(stage), at=2))

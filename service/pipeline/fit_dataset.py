@@ -146,14 +146,14 @@ def fit_and_score(store: EmbeddingStore, settings: FitSettings, stages: Stages |
     scores = scores.append_column(KNN_COLUMN, pa.array(agreement, pa.float64(), from_pandas=True))
     stages.check()
     stages.set_stage(JobStage.LABEL_ISSUES, scores.num_rows)
-    issues = label_issue_columns(stats, model, ids, labels, features, fold_models)
+    issues = label_issue_columns(stats, model, ids, labels, features, fold_models, stages.progress)
     del features
     for name, values in issues.columns.items():
         scores = scores.append_column(name, values)
     stages.progress(scores.num_rows)
     stages.check()
     stages.set_stage(JobStage.MAP, scores.num_rows)
-    xy = pca_map(model, store, num_chunks)
+    xy = pca_map(model, store, num_chunks, progress=stages.progress)
     search = knn_search(scores.num_rows, settings.knn_max_items)
     return FitOutcome(model, scores, knn_k, num_chunks, xy, issues.log_odds, search)
 
@@ -172,13 +172,16 @@ def label_issue_columns(
     labels: np.ndarray,
     features: np.ndarray,
     fold_models: list[FoldGaussian] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> IssueColumns:
     """The label-issue fields of every labelled sample (docs/method.md, "Label issues"): the
     Gaussian classifier's out-of-fold posterior at the rho of lowest held-out classification
     log-loss, a label-transition model fitted by EM on the given labels, one soft-label refit,
     and the calibration map. ``ids, labels, features``: the labelled samples in the space of
     ``stats`` (:func:`labelled_features`), in memory once (N x D float32). ``fold_models``:
-    ``fold_gaussians(stats)`` if already computed."""
+    ``fold_gaussians(stats)`` if already computed. ``progress`` is called between the model's
+    steps (rho, posteriors, noise model, refit, fields) with a share of N: where a job sees a
+    cancellation inside the stage."""
     folds = assign_folds(ids.tolist(), stats.n_folds)
     if fold_models is None:
         fold_models = fold_gaussians(stats)
@@ -187,9 +190,20 @@ def label_issue_columns(
     rho = select_shrinkage_by_log_loss(
         stats, features[rows], labels[rows].tolist(), folds[rows], fold_models=fold_models
     ).best
+    n = features.shape[0]
+    steps = 2 + 2 * (LABEL_ISSUE_REFITS + 1)  # rho, then (posteriors, noise) per round, fields
+    done = [1]
+
+    def step() -> None:
+        done[0] += 1
+        if progress:
+            progress(n * min(done[0], steps - 1) // steps)
+
+    if progress:
+        progress(n // steps)
     found = find_label_issues(
         stats, features, labels.tolist(), folds, rho, kind=LABEL_NOISE_KIND, refits=LABEL_ISSUE_REFITS,
-        fold_models=fold_models,
+        fold_models=fold_models, on_step=step,
     ).issues
     classes = np.asarray(model.classes)
     columns = {

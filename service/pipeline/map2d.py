@@ -8,6 +8,8 @@ flops: seconds at 1M samples), row-aligned with the score table the fit produces
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy.linalg import eigh
 from scipy.sparse.linalg import ArpackError, eigsh
@@ -47,15 +49,25 @@ def principal_axes(model: GaussianModel, components: int = 2) -> np.ndarray:
     return vectors
 
 
-def pca_map(model: GaussianModel, store: EmbeddingStore, num_chunks: int | None = None) -> np.ndarray:
+def pca_map(
+    model: GaussianModel,
+    store: EmbeddingStore,
+    num_chunks: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """(N, 2) float32 map coordinates of the labelled samples of the first ``num_chunks`` chunks,
-    in store order (the row order of ``pipeline.fitting.score_store``)."""
+    in store order (the row order of ``pipeline.fitting.score_store``); ``progress`` gets the
+    samples mapped so far, after each chunk."""
     axes = principal_axes(model)
     parts = []
+    done = 0
     for index in store.chunk_indices()[:num_chunks]:
         chunk = store.read_chunk(index)
         x = np.asarray(chunk.features[chunk.labels != ""], dtype=np.float64)
         if model.normalized:
             x = normalize_features(x)
         parts.append(((x - model.mean_agnostic) @ axes).astype(np.float32))
+        done += x.shape[0]
+        if progress:
+            progress(done)
     return np.concatenate(parts) if parts else np.zeros((0, 2), np.float32)

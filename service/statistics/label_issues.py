@@ -26,7 +26,7 @@ Shapes: N samples, K classes, D features. Class axes follow ``GaussianModel.clas
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -673,6 +673,7 @@ def find_label_issues(
     calibration: tuple[float, float] | None = DEFAULT_CALIBRATION,
     out_of_fold: OutOfFold | None = None,
     noise_sample: int | None = NOISE_SAMPLE_ROWS,
+    on_step: Callable[[], None] | None = None,
 ) -> LabelIssueFit:
     """The whole estimator on arrays: out-of-fold distances at ``shrinkage``, the noise model
     fitted on them, and the per-sample fields.
@@ -694,22 +695,29 @@ def find_label_issues(
     noise_sample : the noise model (T and M: K^2 + 1 numbers) is fitted on at most this many
         samples, evenly spaced in row order, then applied to all; its iterative fit is
         O(rounds x N x K) and dominated the fit job at N = 100,000 (None: every sample).
+    on_step : called after each step (out-of-fold posteriors, noise model, per refit round),
+        e.g. to report progress or to raise and stop between steps.
     """
+    step = on_step or (lambda: None)
     oof = out_of_fold
     if oof is None:
         models = fold_gaussians(stats) if fold_models is None else fold_models
         oof = out_of_fold_relative_distances(stats, features, folds, [m.discriminant(shrinkage) for m in models])
+    step()
     index = {c: i for i, c in enumerate(oof.classes)}
     y = np.fromiter((index[str(c)] for c in labels), dtype=np.int64, count=len(labels))
     rows = noise_rows(y.shape[0], noise_sample)
     noise = fit_label_noise(oof.distances[rows], oof.log_prior[rows], y[rows], kind)
+    step()
     for _ in range(refits):
         # Soft labels from the model's own posterior (uncalibrated: the EM's E-step).
         soft = label_issues(oof.distances, oof.log_prior, y, noise, threshold, None)
         moments = soft_fold_moments(stats, features, folds, soft.true_class_posterior)
         oof = out_of_fold_relative_distances(stats, features, folds, [m.discriminant(shrinkage) for m in moments])
+        step()
         # EM goes on from where it was (the soft labels came from this noise model).
         noise = fit_label_noise(oof.distances[rows], oof.log_prior[rows], y[rows], kind, initial=noise)
+        step()
     issues = label_issues(oof.distances, oof.log_prior, y, noise, threshold, calibration)
     return LabelIssueFit(issues, noise, oof, float(shrinkage))
 
