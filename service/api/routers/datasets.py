@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import schemas
-from service.api.deps import Context, Tenant
+from service.api.deps import Context, PageCursor, Tenant
 from service.api.multipart import receive_form
 from service.storage import scores as score_files
 from service.usecases import datasets, jobs, scores, uploads
@@ -154,7 +154,7 @@ async def get_scores(
     ctx: Context,
     tenant: Tenant,
     limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=4096, pattern=schemas.CURSOR_PATTERN)] = None,
+    cursor: PageCursor = None,
     order: Literal["asc", "desc"] = "desc",
     label: Annotated[str | None, Query(max_length=1000)] = None,
     format: Literal["json", "arrow", "parquet", "csv"] = "json",
@@ -251,7 +251,7 @@ def get_label_issues(
     ctx: Context,
     tenant: Tenant,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=4096, pattern=schemas.CURSOR_PATTERN)] = None,
+    cursor: PageCursor = None,
     every: Annotated[bool, Query(alias="all", description="every sample, not only those flagged is_label_issue")] = False,
 ) -> schemas.LabelIssuePage:
     return scores.label_issue_report(ctx, tenant, dataset_id, limit=limit, cursor=cursor, flagged_only=not every)

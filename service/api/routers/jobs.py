@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import schemas
-from service.api.deps import Context, Tenant
+from service.api.deps import Context, PageCursor, Tenant
 from service.storage.scorings import ARROW_FILE
 from service.usecases import jobs, scores
 
@@ -49,7 +49,7 @@ async def get_result(
     ctx: Context,
     tenant: Tenant,
     limit: Annotated[int, Query(ge=1, le=100000)] = 1000,
-    cursor: Annotated[str | None, Query(max_length=4096, pattern=schemas.CURSOR_PATTERN)] = None,
+    cursor: PageCursor = None,
     format: Literal["json", "arrow"] = "json",
 ):  # type: ignore[no-untyped-def]
     """An archive scoring's result (``POST /v1/datasets/{id}/score`` with ``file``)."""
