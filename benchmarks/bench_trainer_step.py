@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 
@@ -97,7 +98,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = {}
-    print(f"device={device} batch={args.batch_size} steps={args.steps} (median per step)")
+    # On a shared machine the numbers mean little without the load they were taken under.
+    load_before = os.getloadavg()
+    print(
+        f"device={device} batch={args.batch_size} steps={args.steps} threads={torch.get_num_threads()} "
+        f"(median per step); load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
+    )
     print(f"{'case':<22}{'CE ms':>10}{'DA ms':>10}{'DA/CE':>8}{'paired':>8}")
     for name in args.cases:
         row = bench_case(*CASES[name], args, device)
@@ -107,6 +113,8 @@ def main() -> None:
             f"{row['paired_ratio']:>8.3f}",
             flush=True,
         )
+    load_after = os.getloadavg()
+    print(f"load average after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
@@ -114,6 +122,9 @@ def main() -> None:
                     "device": str(device),
                     "batch_size": args.batch_size,
                     "steps": args.steps,
+                    "threads": torch.get_num_threads(),
+                    "load_average_before": load_before,
+                    "load_average_after": load_after,
                     "results": rows,
                 },
                 handle,
