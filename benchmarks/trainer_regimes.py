@@ -654,8 +654,8 @@ def markdown(select_runs: list[dict], selection: dict[str, Any], final_runs: lis
         added = sorted(set(selection["regimes"]) - set(chosen_on))
         if "mapping_regret_all" in selection and added:
             r0 = selection["default_recomputed"]
-            lines += [f"The default was fixed before the regimes {', '.join(added)} "
-                      f"were run. Over all the regimes {', '.join(selection['regimes'])} (a check, not a choice), "
+            lines += [f"The default was fixed (and committed) before these regimes were run: {', '.join(added)}. "
+                      f"Over all the regimes {', '.join(selection['regimes'])} (a check, not a choice), "
                       f"these runs alone would choose mapping `{r0['mapping']}`, T = {r0['temperature']}, alpha = {r0['alpha']}:", "",
                       "| mapping | T | mean validation-NLL regret over all regimes |", "|---|---|---|"]  # fmt: skip
             lines += [f"| {r['mapping']} | {r['temperature']} | {r['mean_regret']:.4f} |" for r in selection["mapping_regret_all"]]
