@@ -134,7 +134,8 @@ def test_weights_follow_module_device_and_dtype():
 
 
 def test_difficulty_aware_gradient_matches_autograd_reference():
-    # The closed-form backward against autograd through the plain formula, and gradcheck.
+    # The loss and its gradient against autograd through the plain formula (CE and the
+    # separately computed entropy), and gradcheck.
     torch.manual_seed(0)
     logits = (torch.randn(6, 5, dtype=torch.float64) * 3).requires_grad_(True)
     targets = torch.tensor([0, 4, 2, 2, 1, 3])
@@ -151,3 +152,24 @@ def test_difficulty_aware_gradient_matches_autograd_reference():
     assert torch.autograd.gradcheck(
         lambda z: loss.per_sample(z, targets, idx), (logits.detach().requires_grad_(True),)
     )
+
+
+def test_difficulty_aware_weight_lookup_and_saturated_logits():
+    # Each row's weight is the table entry its index names (repeats allowed); an index past the
+    # table raises instead of reading another sample's weight.
+    weights = torch.tensor([0.0, 1.0, 0.25])
+    loss = DifficultyAwareLoss(weights, alpha=2.0)
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    targets = torch.tensor([0, 1, 0])
+    out = loss.per_sample(logits, targets, torch.tensor([1, 1, 2]))
+    assert out.tolist() == pytest.approx([LN2 - 2.0 * LN2, LN2 - 2.0 * LN2, LN2 - 0.5 * LN2])
+    assert loss.per_sample(
+        logits, targets, torch.tensor([1, 1, 2], dtype=torch.int32)
+    ).tolist() == (pytest.approx(out.tolist()))
+    with pytest.raises(IndexError):
+        loss.per_sample(logits, targets, torch.tensor([0, 1, 3]))
+    # Saturated logits (p = 1 on the target): entropy 0, loss 0, finite gradient (no 0 * log 0).
+    z = torch.tensor([[1000.0, -1000.0], [-1000.0, 1000.0]], requires_grad=True)
+    value = loss(z, torch.tensor([0, 1]), torch.tensor([1, 1]))
+    (grad,) = torch.autograd.grad(value, z)
+    assert value.item() == 0.0 and torch.isfinite(grad).all()

@@ -88,41 +88,18 @@ class ConfidencePenaltyLoss(SampleLoss):
         return F.cross_entropy(logits, targets, reduction="none") - self.beta * entropy(logits)
 
 
-class _EntropyRegularisedCE(torch.autograd.Function):
-    """Per sample ``CE(p, y) - alpha * w * H(p)`` with a hand-written backward.
-
-    Why: for small models the step is bound by kernel launches, and autograd through
-    ``cross_entropy`` + a separate entropy costs ~30 small kernels where this costs ~15 (one
-    shared log-softmax; gradient in closed form:
-    ``dL/dz_k = p_k - 1[k = y] + alpha * w * p_k * (log p_k + H)``).
-    ``w`` is a constant (no gradient), as the method prescribes.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, w: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
-        log_p = torch.log_softmax(logits, dim=-1)
-        p = log_p.exp()
-        neg_entropy = (p * log_p).sum(dim=-1)  # -H
-        log_p_y = log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
-        ctx.save_for_backward(p, log_p, neg_entropy, targets, w)
-        ctx.alpha = alpha
-        return torch.addcmul(-log_p_y, w, neg_entropy, value=alpha)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        p, log_p, neg_entropy, targets, w = ctx.saved_tensors
-        grad = (
-            (log_p - neg_entropy.unsqueeze(1)).mul_((ctx.alpha * w).unsqueeze(1)).add_(1.0).mul_(p)
-        )
-        grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(grad_out.unsqueeze(1), -1.0))
-        return grad.mul_(grad_out.unsqueeze(1)), None, None, None
-
-
 class DifficultyAwareLoss(SampleLoss):
     """``CE - alpha * w_i * H(p_i)`` with per-sample weights looked up by training-set index.
 
     The weight table is a buffer (moves with ``.to(device)``), computed once; a step adds one
-    gather and an entropy that shares CE's log-softmax (see :class:`_EntropyRegularisedCE`).
+    ``index_select`` and an entropy that shares CE's log-softmax, all built-in ops.
+
+    Why built-in ops and not a hand-written backward (which this loss had before): a
+    ``torch.autograd.Function`` runs its forward and backward in Python, which on a small
+    model's CPU step (an MLP, ~1.6 ms) cost more than the few extra kernels autograd runs in
+    C++; and ``weights[indices]`` (advanced indexing) cost about three times ``index_select``.
+    Together they made the MLP step 1.09-1.10x CE; without them 1.06-1.08x, alternating runs
+    on the same loaded 2-core machine (docs/trainer.md, "Step time"; docs/bench_trainer_step_cpu.txt).
     """
 
     weights: Tensor
@@ -159,8 +136,16 @@ class DifficultyAwareLoss(SampleLoss):
                 "DifficultyAwareLoss needs the batch's sample indices: wrap the dataset in "
                 "trainer.data.ScoredDataset and pass its third item to the loss"
             )
-        w = self.weights[indices.to(self.weights.device)].to(logits.dtype)
-        return _EntropyRegularisedCE.apply(logits, targets, w, self.alpha)
+        if indices.device != self.weights.device:
+            indices = indices.to(self.weights.device)
+        w = self.weights.index_select(0, indices)
+        if w.dtype != logits.dtype:
+            w = w.to(logits.dtype)
+        log_p = F.log_softmax(logits, dim=-1)
+        # CE - alpha * w * H = -log p_y + alpha * w * sum_k p_k log p_k, from one log-softmax.
+        neg_entropy = (log_p.exp() * log_p).sum(dim=-1)
+        ce = F.nll_loss(log_p, targets, reduction="none")
+        return torch.addcmul(ce, w, neg_entropy, value=self.alpha)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, n={self.weights.numel()}"
