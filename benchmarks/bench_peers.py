@@ -489,6 +489,22 @@ def _drop_self(neighbors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return neighbors[keep].reshape(len(rows), k)
 
 
+def _versus_ours(agreement: np.ndarray, p: dict[str, Any], y: np.ndarray, exact: np.ndarray,
+                 q: np.ndarray) -> dict[str, Any]:
+    """Agreement against ours on every row, or (ours not run at this N) against the exact
+    neighbours' agreement on the recall queries."""
+    if os.path.exists(p["ours"]):
+        ours, mine, over = np.load(p["ours"]), agreement, "all rows, vs ours"
+    else:
+        _, codes = np.unique(y, return_inverse=True)
+        ours = (codes[exact] == codes[q][:, None]).mean(axis=1)
+        mine, over = agreement[q], "recall queries, vs exact flat search"
+    return {"agreement_max_abs_diff": float(np.abs(mine - ours).max()),
+            "agreement_mean_abs_diff": float(np.abs(mine - ours).mean()),
+            "agreement_equal_share": float(np.mean(np.isclose(mine, ours))),
+            "agreement_compared_on": over}
+
+
 def task_knn_exact(p: dict[str, Any]) -> dict[str, Any]:
     import faiss
 
@@ -516,13 +532,32 @@ def task_knn_ours(p: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "peak_rss": peak, "rss_before": base}
 
 
+def task_knn_ours_approx(p: dict[str, Any]) -> dict[str, Any]:
+    """knn_agreement's own inverted-file path (``exact_max_items=0``), where main has one."""
+    import inspect
+
+    from service.pipeline.neighbors import knn_agreement
+
+    if "exact_max_items" not in inspect.signature(knn_agreement).parameters:
+        return {"error": "knn_agreement has no approximate path on this commit"}
+    x, y = knn_data(p["n"], p["d"], p["classes"])
+    exact = np.load(p["exact"])
+    q = _queries(p["n"], p["queries"])
+    base = reset_peak()
+    t0 = time.perf_counter()
+    agreement = knn_agreement(x, y, p["k"], exact_max_items=0)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss()
+    return {"seconds": seconds, "peak_rss": peak, "rss_before": base,
+            **_versus_ours(agreement, p, y, exact, q)}
+
+
 def task_knn_ivf(p: dict[str, Any]) -> dict[str, Any]:
     import faiss
 
     x, y = knn_data(p["n"], p["d"], p["classes"])
     exact = np.load(p["exact"])
     q = _queries(p["n"], p["queries"])
-    ours = np.load(p["ours"])
     nlist = int(round(4 * math.sqrt(p["n"])))
     base = reset_peak()
     t0 = time.perf_counter()
@@ -541,9 +576,7 @@ def task_knn_ivf(p: dict[str, Any]) -> dict[str, Any]:
         runs.append({
             "nprobe": nprobe, "search_s": search_s, "total_s": build_s + search_s,
             "recall_at_k": recall(_drop_self(nb[q], q, p["k"]), exact),
-            "agreement_max_abs_diff": float(np.abs(agreement - ours).max()),
-            "agreement_mean_abs_diff": float(np.abs(agreement - ours).mean()),
-            "agreement_equal_share": float(np.mean(np.isclose(agreement, ours))),
+            **_versus_ours(agreement, p, y, exact, q),
             "not_found": int((nb < 0).sum()),
         })
     return {"nlist": nlist, "build_s": build_s, "runs": runs, "peak_rss": peak_rss(),
@@ -556,7 +589,6 @@ def task_knn_sklearn(p: dict[str, Any]) -> dict[str, Any]:
     x, y = knn_data(p["n"], p["d"], p["classes"])
     exact = np.load(p["exact"])
     q = _queries(p["n"], p["queries"])
-    ours = np.load(p["ours"])
     base = reset_peak()
     t0 = time.perf_counter()
     nn = NearestNeighbors(n_neighbors=p["k"], algorithm="brute", metric="cosine").fit(x)
@@ -565,10 +597,7 @@ def task_knn_sklearn(p: dict[str, Any]) -> dict[str, Any]:
     peak = peak_rss()
     agreement = agreement_from(nb, y, p["k"], with_self=False)
     return {"seconds": seconds, "peak_rss": peak, "rss_before": base,
-            "recall_at_k": recall(nb[q], exact),
-            "agreement_max_abs_diff": float(np.abs(agreement - ours).max()),
-            "agreement_mean_abs_diff": float(np.abs(agreement - ours).mean()),
-            "agreement_equal_share": float(np.mean(np.isclose(agreement, ours)))}
+            "recall_at_k": recall(nb[q], exact), **_versus_ours(agreement, p, y, exact, q)}
 
 
 def cmd_knn(args: argparse.Namespace) -> dict[str, Any]:
@@ -579,7 +608,22 @@ def cmd_knn(args: argparse.Namespace) -> dict[str, Any]:
              "exact": os.path.join(tmp.name, f"exact-{n}.npy"),
              "ours": os.path.join(tmp.name, f"ours-{n}.npy"), "nprobe": args.nprobe}
         entry: dict[str, Any] = {"n": n, "d": args.d, "k": args.k}
-        for impl in ["exact", "ours", "ivf", *(["sklearn"] if n <= args.sklearn_max_n else [])]:
+        for impl in ["exact", "ours", "ours-approx", "ivf", "sklearn"]:
+            limit = {"ours": args.ours_max_n, "sklearn": args.sklearn_max_n}.get(impl)
+            if limit is not None and n > limit:
+                # O(N^2 D): scaled from the exact child's flat search of the recall queries
+                # (ours) or from this benchmark's largest sklearn run (N^2 scaling).
+                if impl == "ours":
+                    est = entry["exact"]["seconds"] * n / entry["exact"]["queries"]
+                    how = "flat search of the recall queries scaled to N queries"
+                else:
+                    prev = [r for r in results if "seconds" in r.get("sklearn", {})]
+                    est = (prev[-1]["sklearn"]["seconds"] * (n / prev[-1]["n"]) ** 2
+                           if prev else float("nan"))
+                    how = f"the N={prev[-1]['n'] if prev else '?'} run scaled by N^2"
+                entry[impl] = {"skipped": f"N > {limit}: estimated {est:.0f} s ({how})",
+                               "extrapolated_s": est}
+                continue
             print(f"[knn] N={n} {impl} ...", file=sys.stderr, flush=True)
             out = p["exact"] if impl == "exact" else p["ours"]
             entry[impl] = run_child(f"knn-{impl}", {**p, "out": out})
@@ -639,8 +683,8 @@ def task_embed_ours(p: dict[str, Any]) -> dict[str, Any]:
         peak = peak_rss()
         ids = np.concatenate([store.read_chunk(i).sample_ids for i in store.chunk_indices()])
         feats = np.concatenate([store.read_chunk(i).features for i in store.chunk_indices()])
-    order = np.argsort(ids)
-    np.save(p["out"], feats[order])
+    np.save(p["out"], feats)
+    np.save(p["out"] + ".ids.npy", ids.astype(str))
     return {"images": report.embedded, "failures": len(report.failures), "seconds": seconds,
             "per_s": report.embedded / seconds, "peak_rss": peak, "rss_before": base,
             **threads_note()}
@@ -689,16 +733,22 @@ def task_embed_dataloader(p: dict[str, Any]) -> dict[str, Any]:
     base = reset_peak()
     feats = []
     t0 = time.perf_counter()
+    stopped = False
     with torch.no_grad():
         for batch, _ in loader:
             feats.append(net.extract_features(batch).mean(dim=(2, 3)).numpy())
+            if time.perf_counter() - t0 > p["max_seconds"]:
+                stopped = True  # the rate over the images done so far; the table says so
+                break
     seconds = time.perf_counter() - t0
     peak = peak_rss()
-    ids = np.array([os.path.relpath(path, p["root"]) for path, _ in dataset.samples])
-    out = np.concatenate(feats)[np.argsort(ids)]
+    out = np.concatenate(feats)
+    ids = np.array([os.path.relpath(path, p["root"]) for path, _ in dataset.samples])[: len(out)]
     np.save(p["out"], out)
+    np.save(p["out"] + ".ids.npy", ids)
     return {"images": len(out), "seconds": seconds, "per_s": len(out) / seconds,
-            "peak_rss": peak, "rss_before": base, **threads_note()}
+            "stopped_after_max_seconds": stopped, "peak_rss": peak, "rss_before": base,
+            **threads_note()}
 
 
 def task_embed_floor(p: dict[str, Any]) -> dict[str, Any]:
@@ -739,7 +789,8 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory()
     root = write_fmnist_jpegs(Path(tmp.name) / "fmnist", args.images)
     base = {"root": str(root), "batch_size": args.batch_size, "threads": args.threads,
-            "workers": args.workers, "floor_images": args.floor_images}
+            "workers": args.workers, "floor_images": args.floor_images,
+            "max_seconds": args.max_seconds}
     runs = [
         ("floor, ours (frozen TorchScript)", "embed-floor", {"model": "ours"}),
         ("floor, eager model (user)", "embed-floor", {"model": "user"}),
@@ -768,6 +819,8 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     for r in rows:
         if "features" in r and ours is not None and r is not ours:
             a, b = np.load(r["features"]), np.load(ours["features"])
+            row_of = {str(v): i for i, v in enumerate(np.load(ours["features"] + ".ids.npy"))}
+            b = b[[row_of[str(v)] for v in np.load(r["features"] + ".ids.npy")]]
             cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
             r["features_vs_ours"] = {"max_abs": float(np.abs(a - b).max()),
                                      "min_cosine": float(cos.min())}
@@ -850,29 +903,44 @@ def rmd_accuracy_table(data: dict[str, Any]) -> str:
 
 def knn_table(data: dict[str, Any]) -> str:
     lines = [
-        "| N | method | seconds | peak GiB | recall@10 | agreement = ours | max abs diff | ours / method |",
+        "| N | method | seconds | peak GiB | recall@10 | agreement equal to exact | mean / max abs diff | ours / method (time) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in data["knn"]:
         o = e["ours"]
-        t_ours = o.get("seconds")
-        lines.append(f"| {e['n']:,} | ours: knn_agreement (faiss flat IP) | {t_ours:.1f} | "
-                     f"{_gib(o.get('peak_rss'))} | 1 (exact) | - | - | 1 |")
+        t_ours = o.get("seconds") or o.get("extrapolated_s")
+        if "skipped" in o:
+            lines.append(f"| {e['n']:,} | ours: knn_agreement (faiss flat IP) | ~{t_ours:.0f} "
+                         f"(not run; {o['skipped']}) | - | 1 (exact) | - | - | 1 |")
+        else:
+            lines.append(f"| {e['n']:,} | ours: knn_agreement (faiss flat IP) | {t_ours:.1f} | "
+                         f"{_gib(o.get('peak_rss'))} | 1 (exact) | - | - | 1 |")
+        a = e.get("ours-approx")
+        if a and "error" not in a:
+            lines.append(
+                f"| {e['n']:,} | ours: knn_agreement(exact_max_items=0) (its IVF path) | "
+                f"{a['seconds']:.1f} | {_gib(a['peak_rss'])} | - | {a['agreement_equal_share']:.3f} | "
+                f"{a['agreement_mean_abs_diff']:.3f} / {a['agreement_max_abs_diff']:.1f} | "
+                f"{t_ours / a['seconds']:.2f} |")
         ivf = e.get("ivf", {})
         for r in ivf.get("runs", []):
             lines.append(
                 f"| {e['n']:,} | faiss IVF nlist={ivf['nlist']} nprobe={r['nprobe']} "
                 f"(build {ivf['build_s']:.1f} s) | {r['total_s']:.1f} | {_gib(ivf.get('peak_rss'))} | "
                 f"{r['recall_at_k']:.3f} | {r['agreement_equal_share']:.3f} | "
-                f"{r['agreement_max_abs_diff']:.1f} | {t_ours / r['total_s']:.2f} |")
+                f"{r['agreement_mean_abs_diff']:.3f} / {r['agreement_max_abs_diff']:.1f} | {t_ours / r['total_s']:.2f} |")
         if "error" in ivf:
             lines.append(f"| {e['n']:,} | faiss IVF | {ivf['error']} | | | | | |")
         s = e.get("sklearn")
-        if s and "error" not in s:
+        if s and "skipped" in s:
+            lines.append(f"| {e['n']:,} | sklearn NearestNeighbors brute cosine | "
+                         f"~{s['extrapolated_s']:.0f} (not run; {s['skipped']}) | | | | | "
+                         f"{t_ours / s['extrapolated_s']:.2f} |")
+        elif s and "error" not in s:
             lines.append(
                 f"| {e['n']:,} | sklearn NearestNeighbors brute cosine | {s['seconds']:.1f} | "
                 f"{_gib(s['peak_rss'])} | {s['recall_at_k']:.3f} | {s['agreement_equal_share']:.3f} | "
-                f"{s['agreement_max_abs_diff']:.1f} | {t_ours / s['seconds']:.2f} |")
+                f"{s['agreement_mean_abs_diff']:.2g} / {s['agreement_max_abs_diff']:.1f} | {t_ours / s['seconds']:.2f} |")
         elif s:
             lines.append(f"| {e['n']:,} | sklearn | {s['error']} | | | | | |")
     return "\n".join(lines)
@@ -890,7 +958,8 @@ def embed_table(data: dict[str, Any]) -> str:
         ratio = f"{ours['per_s'] / r['per_s']:.2f}" if ours and "per_s" in ours else "-"
         fv = r.get("features_vs_ours")
         fv_s = f"{fv['max_abs']:.2g}, {fv['min_cosine']:.6f}" if fv else "-"
-        lines.append(f"| {r['label']} | {r['images']} | {r['per_s']:.1f} | {_gib(r.get('peak_rss'))} | "
+        done = f"{r['images']} (stopped at {r['seconds']:.0f} s)" if r.get("stopped_after_max_seconds") else str(r["images"])
+        lines.append(f"| {r['label']} | {done} | {r['per_s']:.1f} | {_gib(r.get('peak_rss'))} | "
                      f"{ratio} | {fv_s} |")
     return "\n".join(lines)
 
@@ -911,6 +980,7 @@ TASKS = {
     "rmd-reference": task_rmd_reference,
     "knn-exact": task_knn_exact,
     "knn-ours": task_knn_ours,
+    "knn-ours-approx": task_knn_ours_approx,
     "knn-ivf": task_knn_ivf,
     "knn-sklearn": task_knn_sklearn,
     "embed-ours": task_embed_ours,
@@ -963,6 +1033,7 @@ def main() -> int:
     p.add_argument("--nprobe", type=_ints, default=[1, 4, 16, 64])
     p.add_argument("--recall-queries", type=int, default=10_000)
     p.add_argument("--sklearn-max-n", type=int, default=200_000)
+    p.add_argument("--ours-max-n", type=int, default=200_000)
     p.set_defaults(func=cmd_knn, table=knn_table)
     p = sub.add_parser("embed", help="embedding images/s against a plain DataLoader")
     p.add_argument("--images", type=int, default=2000)
@@ -971,6 +1042,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="decode threads (ours) = DataLoader workers")
     p.add_argument("--floor-images", type=int, default=512)
     p.add_argument("--with-flush-denormal", action="store_true")
+    p.add_argument("--max-seconds", type=float, default=240.0,
+                   help="a DataLoader run stops after this long; its rate is over the images done")
     p.set_defaults(func=cmd_embed, table=embed_table)
     p = sub.add_parser("table", help="print the markdown tables of a saved JSON file")
     p.add_argument("path")
