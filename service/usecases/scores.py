@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from service import schemas
 from service.domain import JobKind, JobState
@@ -52,15 +52,18 @@ def current_fit(ctx: AppContext, tenant: str, dataset_id: str) -> tuple[Fit, Fit
         return fit, FitFiles.of(ctx.settings.data_dir, fit.dataset_id, fit.id)
 
 
+_CURRENT_FIT = select(Dataset.tenant, Dataset.current_fit_id).where(Dataset.id == bindparam("dataset_id"))
+
+
 def current_fit_files(ctx: AppContext, tenant: str, dataset_id: str) -> tuple[str, FitFiles]:
     """:func:`current_fit` for the score-page hot path: two columns of one row, no ORM objects
     (the Fit row carries the per-class summary, whose JSON would be parsed per request)."""
     if len(dataset_id) > MAX_ID_LENGTH:
         raise NotFound("dataset")
-    with ctx.db() as session:
-        row = session.execute(
-            select(Dataset.tenant, Dataset.current_fit_id).where(Dataset.id == dataset_id)
-        ).first()
+    # A Core connection, not an ORM session: the session's set-up and result loading were 70%
+    # of a page's server time (0.6 ms of use case per page, measured in-process).
+    with ctx.db.kw["bind"].connect() as connection:
+        row = connection.execute(_CURRENT_FIT, {"dataset_id": dataset_id}).first()
     if row is None or row[0] != tenant:
         raise NotFound("dataset")
     if row[1] is None:
