@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pyarrow as pa
 
 
 class UnsafePathError(ValueError):
@@ -79,3 +82,21 @@ def load_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.nd
     """The arrays of an .npz (only ``keys`` when given: the others are not read)."""
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in (data.files if keys is None else keys)}
+
+
+@lru_cache(maxsize=32)
+def mapped_arrow_file(path: str) -> pa.Table:
+    """An Arrow IPC file, memory-mapped and zero-copy (cached per path: the score tables and
+    scoring results are written once and never change), so many requests share the page cache
+    rather than the heap."""
+    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+
+
+def encode_token(raw: bytes) -> str:
+    """Unpadded URL-safe base64: the alphabet of every page cursor (``schemas.CURSOR_PATTERN``)."""
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> bytes:
+    """The inverse of :func:`encode_token` (raises ``ValueError`` for a malformed token)."""
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))

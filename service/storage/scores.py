@@ -15,7 +15,6 @@ cursor position, no OFFSET scan and no per-row database rows for 1M-sample datas
 
 from __future__ import annotations
 
-import base64
 import bisect
 import json
 import math
@@ -32,7 +31,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from service.errors import BadRequest
-from service.storage.files import atomic_write, atomic_write_bytes
+from service.storage.files import (
+    atomic_write,
+    atomic_write_bytes,
+    decode_token,
+    encode_token,
+    mapped_arrow_file,
+)
 
 SCORES_FILE = "scores.arrow"
 BY_LABEL_FILE = "by_label.arrow"
@@ -58,12 +63,12 @@ class Cursor:
 
     def encode(self) -> str:
         raw = json.dumps({"r": self.rmd.hex(), "s": self.sample_id}, separators=(",", ":"))
-        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        return encode_token(raw.encode())
 
     @classmethod
     def decode(cls, token: str) -> Cursor:
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            raw = decode_token(token)
             data = json.loads(raw)
             rmd = float.fromhex(data["r"])
             sample_id = data["s"]
@@ -110,19 +115,13 @@ def write_score_files(directory: Path, scores: pa.Table, issue_log_odds: np.ndar
 
 
 @lru_cache(maxsize=16)
-def _open(path: str) -> pa.Table:
-    # Memory-mapped and zero-copy: many requests share the page cache, not the heap.
-    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
-
-
-@lru_cache(maxsize=16)
 def _label_offsets(path: str) -> dict[str, list[int]]:
     return json.loads(Path(path).read_text())
 
 
 @lru_cache(maxsize=16)
 def _key(path: str, column: str = "rmd") -> np.ndarray:
-    values = _open(path).column(column)
+    values = mapped_arrow_file(path).column(column)
     return values.chunk(0).to_numpy() if values.num_chunks == 1 else values.to_numpy()
 
 
@@ -145,11 +144,11 @@ def page(
     """One page of scores ordered by (rmd, sample_id), ascending or descending."""
     if label is None:
         path = str(directory / SCORES_FILE)
-        table = _open(path)
+        table = mapped_arrow_file(path)
         lo, hi = 0, table.num_rows
     else:
         path = str(directory / BY_LABEL_FILE)
-        table = _open(path)
+        table = mapped_arrow_file(path)
         lo, hi = _label_offsets(str(directory / LABELS_FILE)).get(label, (0, 0))
     return _page(table, _key(path), lo, hi, limit=limit, cursor=cursor, descending=descending)
 
@@ -191,14 +190,14 @@ def label_issue_page(
     """One page of the label-issue report, most likely issue first; with ``flagged_only`` only
     rows at or above the flagging threshold (given as log-odds)."""
     path = str(directory / LABEL_ISSUES_FILE)
-    table = _open(path)
+    table = mapped_arrow_file(path)
     key = _key(path, ISSUE_KEY)
     lo = int(np.searchsorted(key, threshold_log_odds, side="left")) if flagged_only else 0
     return _page(table, key, lo, table.num_rows, limit=limit, cursor=cursor, descending=True, drop=(ISSUE_KEY,))
 
 
 def score_table(directory: Path) -> pa.Table:
-    return _open(str(directory / SCORES_FILE))
+    return mapped_arrow_file(str(directory / SCORES_FILE))
 
 
 class _Drain:

@@ -14,16 +14,21 @@ are row offsets into it (the file never changes once written).
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from service.storage.files import atomic_write, atomic_write_bytes, fsync_dir
+from service.storage.files import (
+    atomic_write,
+    atomic_write_bytes,
+    decode_token,
+    encode_token,
+    fsync_dir,
+    mapped_arrow_file,
+)
 from service.storage.scores import CursorError
 
 ARCHIVE = "archive"
@@ -34,12 +39,12 @@ ARROW_FILE = "application/vnd.apache.arrow.file"
 
 
 def encode_offset(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"row:{offset}".encode()).decode().rstrip("=")
+    return encode_token(f"row:{offset}".encode())
 
 
 def decode_offset(token: str) -> int:
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        raw = decode_token(token).decode()
         prefix, _, number = raw.partition(":")
         offset = int(number)
         if prefix != "row" or offset < 0:
@@ -47,12 +52,6 @@ def decode_offset(token: str) -> int:
     except Exception:
         raise CursorError("cursor is malformed: pass back a next_cursor value unchanged") from None
     return offset
-
-
-@lru_cache(maxsize=16)
-def _open(path: str) -> pa.Table:
-    # Memory-mapped, zero-copy: pages of a large result share the page cache, not the heap.
-    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
 
 
 class ScoringFiles:
@@ -108,11 +107,11 @@ class ScoringFiles:
         return self.result_path.exists()
 
     def num_rows(self) -> int:
-        return _open(str(self.result_path)).num_rows
+        return mapped_arrow_file(str(self.result_path)).num_rows
 
     def page(self, *, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
         """Rows in archive order from the cursor; the next cursor, or None after the last row."""
-        table = _open(str(self.result_path))
+        table = mapped_arrow_file(str(self.result_path))
         start = decode_offset(cursor) if cursor else 0
         stop = min(table.num_rows, start + limit)
         rows = table.slice(start, max(stop - start, 0)).to_pylist()
