@@ -24,7 +24,6 @@ from service.statistics.label_issues import (
     log_prior_from_counts,
     out_of_fold_distances,
     out_of_fold_relative_distances,
-    soft_fold_gaussians,
     soft_fold_moments,
     wrong_label_log_odds,
 )
@@ -319,19 +318,19 @@ def test_inputs_are_checked() -> None:
     assert np.isneginf(log_prior_from_counts(np.array([3, 0]))[1])
 
 
-def test_soft_fold_gaussians_match_weighted_brute_force() -> None:
+def test_soft_fold_moments_match_weighted_brute_force() -> None:
     x, y, ids = make_data(70, 5, 3, seed=11, offset=2.0)
     stats = stats_of(x, y, ids)
     folds = assign_folds(ids)
     # One-hot responsibilities give back the hard-label fold models.
-    hard = soft_fold_gaussians(stats, x, folds, np.eye(3)[y])
+    hard = [m.gaussian() for m in soft_fold_moments(stats, x, folds, np.eye(3)[y])]
     for a, b in zip(hard, fold_gaussians(stats), strict=True):
         np.testing.assert_allclose(a.means, b.means, atol=1e-10)
         np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-8, atol=1e-12)
         np.testing.assert_allclose(a.log_prior, b.log_prior)
     r = np.random.default_rng(0).dirichlet(np.ones(3), size=70)  # columns: sorted classes
     axis = [stats.classes.index(f"c{c}") for c in range(3)]  # fold models: stats' class order
-    for model in soft_fold_gaussians(stats, x, folds, r):
+    for model in (m.gaussian() for m in soft_fold_moments(stats, x, folds, r)):
         train = folds != model.fold
         xt, rt = x[train], r[train]
         scatter = np.zeros((5, 5))

@@ -7,6 +7,7 @@ checks for cancellation; the CLI's draws progress bars. Nothing here knows of jo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -190,17 +191,16 @@ def label_issue_columns(
     rho = select_shrinkage_by_log_loss(
         stats, features[rows], labels[rows].tolist(), folds[rows], fold_models=fold_models
     ).best
-    n = features.shape[0]
-    steps = 2 + 2 * (LABEL_ISSUE_REFITS + 1)  # rho, then (posteriors, noise) per round, fields
-    done = [1]
+    # Steps: rho, then (posteriors, noise model) per round, then the fields (reported by the
+    # caller): progress moves by a share of N after each.
+    n, steps = features.shape[0], 2 + 2 * (LABEL_ISSUE_REFITS + 1)
+    done = itertools.count(1)
 
     def step() -> None:
-        done[0] += 1
         if progress:
-            progress(n * min(done[0], steps - 1) // steps)
+            progress(n * min(next(done), steps - 1) // steps)
 
-    if progress:
-        progress(n // steps)
+    step()
     found = find_label_issues(
         stats, features, labels.tolist(), folds, rho, kind=LABEL_NOISE_KIND, refits=LABEL_ISSUE_REFITS,
         fold_models=fold_models, on_step=step,

@@ -51,21 +51,6 @@ def build_index(features: np.ndarray):  # type: ignore[no-untyped-def]
     return index
 
 
-def read_unit_features(
-    store: EmbeddingStore, num_chunks: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample_ids, labels, L2-normalised float32 features) of the first ``num_chunks`` chunks."""
-    ids, labels, feats = [], [], []
-    for index in store.chunk_indices()[:num_chunks]:
-        chunk = store.read_chunk(index)
-        ids.append(chunk.sample_ids)
-        labels.append(chunk.labels)
-        feats.append(np.asarray(normalize_features(chunk.features), dtype=np.float32))
-    if not feats:
-        raise ValueError("the dataset has no embedded samples")
-    return np.concatenate(ids), np.concatenate(labels), np.concatenate(feats)
-
-
 # The inverted-file index above the exact limit: 4 sqrt(N) k-means lists trained on at most 32
 # points each (10 iterations), 8 lists probed per query. Chosen on synthetic clustered 100k x 512
 # features (recall@10 0.9996 against exact search; 4 lists: 0.995, 16: 1.0 at 1.2x the time).
@@ -107,7 +92,7 @@ def knn_agreement(
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Per sample: the share of its k nearest other samples (cosine; rows must be L2-normalised,
-    as :func:`read_unit_features` gives them) that carry the same label. Exact search up to
+    as ``fit_dataset.labelled_features`` gives them) that carry the same label. Exact search up to
     ``exact_max_items`` samples (None: always), the inverted-file index above; ``progress`` gets
     the number of samples searched so far."""
     n = unit_features.shape[0]
@@ -197,8 +182,8 @@ def load_neighbor_index(store: EmbeddingStore, num_chunks: int, max_bytes: int |
     """Index over the first ``num_chunks`` chunks of the store (the fit's snapshot).
 
     With ``max_bytes``, refused (:class:`NeighborIndexTooLarge`) as soon as the chunks read so
-    far need more: chunk by chunk rather than through ``read_unit_features``, so a refused index
-    costs at most the budget plus one chunk, never the whole matrix."""
+    far need more: chunk by chunk, so a refused index costs at most the budget plus one chunk,
+    never the whole matrix."""
     ids, labels, feats = [], [], []
     need = 0
     for chunk_index in store.chunk_indices()[:num_chunks]:

@@ -639,16 +639,6 @@ def soft_fold_moments(
     return out
 
 
-def soft_fold_gaussians(
-    stats: SufficientStatistics,
-    features: np.ndarray,
-    folds: np.ndarray,
-    responsibilities: np.ndarray,
-) -> list[FoldGaussian]:
-    """:func:`soft_fold_moments` with each model's eigendecomposition (for rho grids)."""
-    return [moments.gaussian() for moments in soft_fold_moments(stats, features, folds, responsibilities)]
-
-
 @dataclass(frozen=True)
 class LabelIssueFit:
     """Everything :func:`find_label_issues` computed: the fields, the calibration and the
@@ -687,7 +677,7 @@ def find_label_issues(
     shrinkage : rho of the tied covariance, e.g. ``select_shrinkage_by_log_loss(...).best``.
     kind, threshold : see :func:`fit_label_noise`, :func:`label_issues`.
     refits : EM rounds that refit the fold Gaussians on the soft true labels
-        (:func:`soft_fold_gaussians`) before the final noise fit; 0 uses the given labels.
+        (:func:`soft_fold_moments`) before the final noise fit; 0 uses the given labels.
     fold_models : ``fold_gaussians(stats)`` if already computed.
     calibration : see :func:`label_issues`.
     out_of_fold : ``out_of_fold_distances(stats, features, folds, shrinkage)`` (or its
