@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -46,6 +47,18 @@ def write_image_folder(root: Path, per_class: int = 4, size: int = 48) -> list[s
 
 
 # -- awkward but valid ----------------------------------------------------------------------
+
+
+def zip_folder(root: Path, extra: dict[str, bytes] | None = None) -> bytes:
+    """A zip of every file under ``root`` (member names relative to it), plus ``extra`` members."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(root).as_posix())
+        for name, data in (extra or {}).items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
 
 
 def sixteen_bit_png() -> bytes:

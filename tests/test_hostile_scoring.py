@@ -12,29 +12,18 @@ Cost: about 40 s (server start, one worker start loading efficientnet-lite0 for 
 
 from __future__ import annotations
 
-import io
 import threading
-import zipfile
 from pathlib import Path
 
 import httpx
 from apiserver import running_server, running_worker, wait_for_job
-from imagedata import write_image_folder
+from imagedata import write_image_folder, zip_folder
 from test_hostile_requests import server_pid
 
 KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789ab"}
 ALICE = {"Authorization": f"Bearer {KEYS['alice']}"}
 BOB = {"Authorization": f"Bearer {KEYS['bob']}"}
 BURST = 16
-
-
-def zip_folder(root: Path) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(root).as_posix())
-    return buffer.getvalue()
 
 
 def torch_loaded(pid: int) -> bool:

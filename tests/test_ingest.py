@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from imagedata import jpeg_bytes, write_image_folder
+from imagedata import jpeg_bytes, write_image_folder, zip_folder
 
 from service.ingest import ReaderError, Sample, open_source
 from service.ingest.archive import TarSource, ZipSource
@@ -66,20 +66,11 @@ def test_folder_ids_labels_and_skips(tmp_path: Path) -> None:
     assert source.count() == len(samples)
 
 
-def _zip_folder(root: Path, target: Path, extra: dict[str, bytes] | None = None) -> None:
-    with zipfile.ZipFile(target, "w") as zf:
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(root).as_posix())
-        for name, data in (extra or {}).items():
-            zf.writestr(name, data)
-
-
 def test_zip_reads_members_and_refuses_unsafe(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     ids = write_image_folder(root, per_class=2)
     target = tmp_path / "ds.zip"
-    _zip_folder(root, target, {"__MACOSX/red/._000.jpg": b"x", "red/.DS_Store": b"x", "../evil.jpg": b"x"})
+    target.write_bytes(zip_folder(root, {"__MACOSX/red/._000.jpg": b"x", "red/.DS_Store": b"x", "../evil.jpg": b"x"}))
     with zipfile.ZipFile(target, "a") as zf:  # a symlink member (unix mode bits)
         info = zipfile.ZipInfo("red/link.jpg")
         info.external_attr = (0o120777 << 16)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_settings, wait_for_job
-from imagedata import TINY_CLIP, save_tiny_clip_checkpoint, write_image_folder
+from imagedata import TINY_CLIP, save_tiny_clip_checkpoint, write_image_folder, zip_folder
 from PIL import Image
 
 from service.storage.thumbnails import ThumbnailStore
@@ -25,15 +24,6 @@ from service.storage.thumbnails import ThumbnailStore
 KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789ab"}
 ALICE = {"Authorization": f"Bearer {KEYS['alice']}"}
 BOB = {"Authorization": f"Bearer {KEYS['bob']}"}
-
-
-def _zip(root: Path) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(root).as_posix())
-    return buffer.getvalue()
 
 
 def _fit(client, dataset_id: str, headers: dict) -> dict:  # type: ignore[no-untyped-def]
@@ -69,7 +59,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     )
     with TestClient(create_app(settings)) as client:
         image_ds = client.post("/v1/datasets", json={"name": "img", "encoder": encoder}, headers=ALICE).json()["id"]
-        up = client.post(f"/v1/datasets/{image_ds}/items", files={"file": ("i.zip", _zip(images))}, headers=ALICE)
+        up = client.post(f"/v1/datasets/{image_ds}/items", files={"file": ("i.zip", zip_folder(images))}, headers=ALICE)
         assert up.status_code == 201, up.text
         _fit(client, image_ds, ALICE)
         rng = np.random.default_rng(0)

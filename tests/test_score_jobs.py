@@ -13,10 +13,8 @@ Cost: about 20 s per database (one tiny-encoder image fit, a few scoring jobs)."
 from __future__ import annotations
 
 import dataclasses
-import io
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import pytest
 from apiserver import database_for
 from conftest import make_settings, npy, wait_for_job
 from fastapi.testclient import TestClient
-from imagedata import TINY_CLIP, save_tiny_clip_checkpoint, write_image_folder
+from imagedata import TINY_CLIP, save_tiny_clip_checkpoint, write_image_folder, zip_folder
 from sqlalchemy import select
 
 from service.api.app import create_app
@@ -39,17 +37,6 @@ ALICE = {"Authorization": f"Bearer {KEYS['alice']}"}
 BOB = {"Authorization": f"Bearer {KEYS['bob']}"}
 PER_CLASS = 8  # 3 classes: 24 images
 CHUNK_ROWS = 4  # several chunks per archive: progress and cancellation between them
-
-
-def zip_folder(root: Path, extra: dict[str, bytes] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(root).as_posix())
-        for name, data in (extra or {}).items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 class Authorised:
