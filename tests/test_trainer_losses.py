@@ -36,6 +36,15 @@ def test_cross_entropy():
     assert CrossEntropyLoss()(LOGITS, TARGETS).item() == pytest.approx((-math.log(0.75) + LN2) / 2)
 
 
+def test_fused_mean_equals_mean_of_per_sample_values():
+    # CE and label smoothing reduce inside torch's op; the mean must not change.
+    logits = torch.randn(33, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 7, (33,), generator=torch.Generator().manual_seed(1))
+    for loss in (CrossEntropyLoss(), LabelSmoothingLoss(0.1)):
+        expected = loss.per_sample(logits, targets).mean()
+        assert loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-14)
+
+
 def test_label_smoothing():
     # eps = 0.2, K = 2: target distribution (0.9, 0.1) for class 0.
     per = LabelSmoothingLoss(0.2).per_sample(LOGITS, TARGETS)

@@ -48,6 +48,11 @@ class CrossEntropyLoss(SampleLoss):
     def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
         return F.cross_entropy(logits, targets, reduction="none")
 
+    def forward(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        # torch's own mean reduction: what a user's CE baseline writes, and ~3% faster on a
+        # small CPU step than per-sample values plus a separate mean (docs/trainer.md).
+        return F.cross_entropy(logits, targets)
+
 
 class LabelSmoothingLoss(SampleLoss):
     """CE against ``(1 - eps) * onehot + eps / K`` (Szegedy et al.; torch's convention)."""
@@ -60,6 +65,9 @@ class LabelSmoothingLoss(SampleLoss):
 
     def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
         return F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.smoothing)
+
+    def forward(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        return F.cross_entropy(logits, targets, label_smoothing=self.smoothing)
 
 
 class FocalLoss(SampleLoss):
