@@ -184,6 +184,34 @@ def test_chunked_and_merged_equals_one_shot():
         np.testing.assert_allclose(s1["rmd"], s2["rmd"], rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_block_sizes_change_nothing(monkeypatch, rows):
+    # The update and the scoring work through reused blocks of rows; blocks that cut through
+    # folds and classes (and batches of one row) must give what one block gives, and the
+    # reference. float32 input must give what its exact float64 copy gives.
+    import service.statistics.gaussian as gaussian
+    import service.statistics.sufficient as sufficient
+
+    rng = np.random.default_rng(12)
+    x, y = make_data(rng, n=500, d=6, k=5, offset=20.0)
+    x = x.astype(np.float32)
+    untouched = x.copy()
+    labels = [str(v) for v in y]
+    whole = fit_gaussians(stats_of(x.astype(np.float64), labels), 0.1)
+    expected = whole.score(x.astype(np.float64), labels)
+    monkeypatch.setattr(sufficient, "BLOCK_BYTES", rows * 8 * 6)
+    monkeypatch.setattr(gaussian, "SCORE_BLOCK_BYTES", rows * 8 * 6)
+    blocked = fit_gaussians(stats_of(x, labels), 0.1)
+    np.testing.assert_allclose(blocked.covariance, whole.covariance, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(blocked.means, whole.means, rtol=1e-13)
+    got = blocked.score(x, labels)
+    for key in ("md_class", "md_agnostic", "rmd", "rmd_min"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(got["predicted_label"], expected["predicted_label"])
+    assert_scores_match(got, reference(x.astype(np.float64), labels, 0.1, 0.1))
+    np.testing.assert_array_equal(x, untouched)  # the caller's array is never written
+
+
 def test_merge_with_empty_and_serialisation_round_trip():
     rng = np.random.default_rng(10)
     x, y = make_data(rng, n=300, d=5, k=3)

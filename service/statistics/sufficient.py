@@ -15,6 +15,13 @@ import numpy as np
 
 from service.statistics.folds import N_FOLDS, assign_folds
 
+# Size of the float64 working block of an update: rows are gathered, centred and multiplied in
+# blocks this big (8,192 rows at D = 512), reusing one buffer (big enough for SYRK to run at its
+# full rate: 2,048-row blocks ran ~25% slower; 50,000 x 512 measured). Converting a
+# whole 65,536-row chunk at once wrote 268 MB of fresh pages: 1.0 s at 50,000 x 512, against
+# 0.17 s for the SYRK itself (now 0.35-0.43 s).
+BLOCK_BYTES = 32 << 20
+
 
 @dataclass
 class SufficientStatistics:
@@ -63,7 +70,9 @@ class SufficientStatistics:
         self, features: np.ndarray, labels: Sequence[str], sample_ids: Sequence[str]
     ) -> SufficientStatistics:
         """Add a chunk of labelled features in place; returns self."""
-        x = np.array(features, dtype=np.float64)  # a copy: centred in place below
+        x = np.asarray(features)
+        if x.dtype.kind != "f":
+            x = x.astype(np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must have shape (n, {self.dim}), got {x.shape}")
         n = x.shape[0]
@@ -77,29 +86,35 @@ class SufficientStatistics:
             bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
             raise ValueError(f"features contain NaN or inf in {bad.size} rows (first: {bad[:5].tolist()})")
         if self.reference is None:
-            self.reference = x.mean(axis=0)
-        x -= self.reference
+            self.reference = x.mean(axis=0, dtype=np.float64)
 
         class_index = self._class_indices([str(label) for label in labels])
         folds = assign_folds(sample_ids, self.n_folds)
         k = len(self.classes)
         key = folds * k + class_index
+        self.counts += np.bincount(key, minlength=self.n_folds * k).reshape(self.n_folds, k)
+        # Rows sorted by (fold, class): each fold's rows, and each class's within it, are then
+        # contiguous, so a block of them needs one product per fold and one sum per class.
         order = np.argsort(key, kind="stable")
         key_sorted = key[order]
-        x_sorted = x[order]
-        starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
-        group_sums = np.add.reduceat(x_sorted, starts, axis=0)
         flat_sums = self.sums.reshape(self.n_folds * k, self.dim)
-        flat_sums[key_sorted[starts]] += group_sums
-        self.counts += np.bincount(key, minlength=self.n_folds * k).reshape(self.n_folds, k)
-
-        fold_sorted = key_sorted // k
-        bounds = np.searchsorted(fold_sorted, np.arange(self.n_folds + 1))
-        for f in range(self.n_folds):
-            block = x_sorted[bounds[f] : bounds[f + 1]]
-            if block.shape[0]:
-                # ``block.T @ block`` is dispatched to SYRK by numpy: half the FLOPs of a GEMM.
-                self.second_moments[f] += block.T @ block
+        rows = max(1, BLOCK_BYTES // (8 * self.dim))
+        block = np.empty((min(rows, n), self.dim))
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            z = block[: stop - start]
+            # Gathered and centred into one reused float64 buffer: float32 -> float64 is exact.
+            np.subtract(x[order[start:stop]], self.reference, out=z)
+            keys = key_sorted[start:stop]
+            bounds = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                flat_sums[keys[a]] += z[a:b].sum(axis=0)
+            fold_of = keys // k
+            fold_bounds = np.flatnonzero(np.r_[True, fold_of[1:] != fold_of[:-1], True])
+            for a, b in zip(fold_bounds[:-1], fold_bounds[1:], strict=True):
+                part = z[a:b]
+                # ``part.T @ part`` is dispatched to SYRK by numpy: half the FLOPs of a GEMM.
+                self.second_moments[fold_of[a]] += part.T @ part
         return self
 
     def merge(self, other: SufficientStatistics) -> SufficientStatistics:
