@@ -311,6 +311,10 @@ def test_worker_killed_mid_job_then_down_up_keeps_everything(stack, client, arch
     victim = workers.pop(holder)
     (survivor_host,) = workers
     docker("kill", victim)  # SIGKILL: no clean-up, no lease release
+    # Reference: the same images in a fresh dataset, fitted without interruption. Queued now,
+    # the survivor runs it while the killed job's lease (60 s) runs out.
+    reference = create_dataset(client, "fmnist-reference", archive)
+    reference_job_id = start_fit(client, reference)
 
     finished = wait_succeeded(stack, client, job_id)
     assert finished["attempts"] == 2, finished
@@ -319,9 +323,7 @@ def test_worker_killed_mid_job_then_down_up_keeps_everything(stack, client, arch
     assert not victim_state["Running"], "the killed worker came back; the take-over is not shown"
     assert finished["result"]["num_scored"] == N_IMAGES and finished["result"]["num_failed"] == 0
 
-    # Reference: the same images in a fresh dataset, fitted without interruption.
-    reference = create_dataset(client, "fmnist-reference", archive)
-    reference_job = wait_succeeded(stack, client, start_fit(client, reference))
+    reference_job = wait_succeeded(stack, client, reference_job_id)
     assert reference_job["attempts"] == 1
     killed_scores = scores(client, dataset)
     same_scores(killed_scores, scores(client, reference))
