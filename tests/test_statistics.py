@@ -186,9 +186,9 @@ def test_chunked_and_merged_equals_one_shot():
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_block_sizes_change_nothing(monkeypatch, rows):
-    # The update and the scoring work through reused blocks of rows; blocks that cut through
-    # folds and classes (and batches of one row) must give what one block gives, and the
-    # reference. float32 input must give what its exact float64 copy gives.
+    # The update works through reused blocks of rows; blocks that cut through folds and classes
+    # (and blocks of one row) must give what one block gives, and the reference; so must
+    # scoring batches of the same sizes. float32 input must give what its exact float64 copy gives.
     import service.statistics.gaussian as gaussian
     import service.statistics.sufficient as sufficient
 
@@ -200,7 +200,7 @@ def test_block_sizes_change_nothing(monkeypatch, rows):
     whole = fit_gaussians(stats_of(x.astype(np.float64), labels), 0.1)
     expected = whole.score(x.astype(np.float64), labels)
     monkeypatch.setattr(sufficient, "BLOCK_BYTES", rows * 8 * 6)
-    monkeypatch.setattr(gaussian, "SCORE_BLOCK_BYTES", rows * 8 * 6)
+    monkeypatch.setattr(gaussian, "SCORE_BATCH", rows)
     blocked = fit_gaussians(stats_of(x, labels), 0.1)
     np.testing.assert_allclose(blocked.covariance, whole.covariance, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(blocked.means, whole.means, rtol=1e-13)

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy.linalg import eigh, solve_triangular
-from scipy.linalg.blas import dtrmm
 
 from service.errors import InvalidInput
 from service.statistics.shrinkage import CrossValidation, cross_validate_shrinkage, shrink
@@ -27,10 +26,7 @@ AUTO_MODES = ("auto", "auto-shared")
 # Largest condition number accepted for a shrunk covariance: beyond it float64 distances lose
 # most of their digits.
 MAX_CONDITION = 1e12
-# Rows per scoring batch, by bytes of one float64 (rows, D) block: every temporary of a batch
-# stays below glibc's 32 MiB mmap threshold, so freed blocks are reused instead of being
-# faulted in afresh from the kernel on every batch.
-SCORE_BLOCK_BYTES = 8 << 20
+SCORE_BATCH = 8192
 
 
 class FitError(InvalidInput):
@@ -115,24 +111,20 @@ class GaussianModel:
         predicted = np.empty(n, dtype=np.int64)
         md_class = np.empty(n) if label_index is not None else None
         mean_norms = np.einsum("kd,kd->k", self._whitened_means, self._whitened_means)
-        batch = max(1, SCORE_BLOCK_BYTES // (8 * self.dim))
-        # Two reused float64 buffers, whitened in place (never the caller's array).
-        buffers = np.empty((2, min(batch, n), self.dim))
-        for start in range(0, n, batch):
-            stop = min(start + batch, n)
-            rows = x[start:stop]
+        for start in range(0, n, SCORE_BATCH):
+            stop = min(start + SCORE_BATCH, n)
+            z = np.asarray(x[start:stop], dtype=np.float64)
             if self.normalized:
-                rows = normalize_features(np.asarray(rows, dtype=np.float64))
-            z, z0 = buffers[0, : stop - start], buffers[1, : stop - start]
-            np.subtract(rows, self.mean_agnostic, out=z)
-            np.copyto(z0, z)
-            w = _whiten_in_place(self._whiten, z)
-            md0 = _squared_norms(_whiten_in_place(self._whiten_agnostic, z0))
+                z = normalize_features(z)
+            z = z - self.mean_agnostic  # never in place: z may be the caller's array
+            w = z @ self._whiten.T
+            w0 = z @ self._whiten_agnostic.T
+            md0 = np.einsum("nd,nd->n", w0, w0)
             # All K distances with one GEMM: |w|^2 - 2 w.m_k + |m_k|^2.
             all_md = w @ self._whitened_means.T
             all_md *= -2.0
             all_md += mean_norms[None, :]
-            all_md += _squared_norms(w)[:, None]
+            all_md += np.einsum("nd,nd->n", w, w)[:, None]
             np.maximum(all_md, 0.0, out=all_md)
             best = np.argmin(all_md, axis=1)
             predicted[start:stop] = best
@@ -141,7 +133,7 @@ class GaussianModel:
             if md_class is not None:
                 # The own-class distance directly, without the cancellation of the GEMM form.
                 diff = w - self._whitened_means[label_index[start:stop]]
-                md_class[start:stop] = _squared_norms(diff)
+                md_class[start:stop] = np.einsum("nd,nd->n", diff, diff)
         out = {
             "md_agnostic": md_agnostic,
             "rmd_min": rmd_min,
@@ -276,22 +268,8 @@ def fit_gaussians(
     )
 
 
-def _whiten_in_place(inverse_factor: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """``z @ inverse_factor.T``, written into ``z`` (C-contiguous float64), for a
-    lower-triangular, Fortran-ordered ``inverse_factor`` (an ``L^-1``): one triangular product
-    (TRMM) on ``z.T``, half the flops of a GEMM and 2x faster than numpy's GEMM on the same
-    rows here (docs/performance.md)."""
-    product = dtrmm(1.0, inverse_factor, z.T, side=0, lower=1, overwrite_b=1)
-    return product.T
-
-
-def _squared_norms(rows: np.ndarray) -> np.ndarray:
-    return np.einsum("nd,nd->n", rows, rows)
-
-
 def _inverse_cholesky(covariance: np.ndarray, which: str, model: GaussianModel) -> np.ndarray:
-    """``L^-1`` with ``L L^T = covariance`` (lower triangular, exact zeros above the diagonal):
-    whitening is then one triangular product per batch."""
+    """``L^-1`` with ``L L^T = covariance``: whitening is then one GEMM per batch."""
     d = covariance.shape[0]
     eigenvalues = eigh(covariance, eigvals_only=True, driver="evr")
     if eigenvalues[-1] <= 0 or eigenvalues[0] <= eigenvalues[-1] / MAX_CONDITION:
@@ -304,5 +282,4 @@ def _inverse_cholesky(covariance: np.ndarray, which: str, model: GaussianModel) 
             "(e.g. 0.01 to 0.1)."
         )
     lower = np.linalg.cholesky(covariance)
-    # Fortran order: what TRMM takes without a copy per batch.
-    return np.asfortranarray(solve_triangular(lower, np.eye(d), lower=True))
+    return solve_triangular(lower, np.eye(d), lower=True)
