@@ -200,7 +200,7 @@ def test_block_sizes_change_nothing(monkeypatch, rows):
     whole = fit_gaussians(stats_of(x.astype(np.float64), labels), 0.1)
     expected = whole.score(x.astype(np.float64), labels)
     monkeypatch.setattr(sufficient, "BLOCK_BYTES", rows * 8 * 6)
-    monkeypatch.setattr(gaussian, "SCORE_BATCH", rows)
+    monkeypatch.setattr(gaussian, "SCORE_BLOCK_BYTES", rows * 8 * 6)
     blocked = fit_gaussians(stats_of(x, labels), 0.1)
     np.testing.assert_allclose(blocked.covariance, whole.covariance, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(blocked.means, whole.means, rtol=1e-13)
