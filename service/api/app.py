@@ -14,7 +14,7 @@ from service.api.limits import RequestLimits
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routers import datasets, health, jobs, samples, ui
 from service.settings import Settings
-from service.storage.database import open_database
+from service.storage.database import engine_of, open_database
 from service.storage.sweep import sweep
 from service.usecases.context import AppContext
 
@@ -49,7 +49,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> FastAPI:
         finally:
             if worker is not None:
                 worker.stop_event.set()
-            db.kw["bind"].dispose()
+            engine_of(db).dispose()
 
     app = FastAPI(
         title="Sample difficulty service",

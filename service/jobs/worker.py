@@ -26,7 +26,7 @@ from service.jobs.context import JobContext, JobFailed, JobStopped
 from service.jobs.fit import run_fit_job
 from service.jobs.scoring import release_inputs, run_score_job
 from service.settings import Settings, SettingsError, load_settings
-from service.storage.database import Job, open_database
+from service.storage.database import Job, engine_of, open_database
 
 log = logging.getLogger("service.worker")
 
@@ -206,7 +206,7 @@ def worker_command(args: argparse.Namespace) -> int:
     worker = Worker(settings, db)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     log.info("worker %s: data dir %s, database %s", worker.owner, settings.data_dir,
-             db.kw["bind"].url.render_as_string(hide_password=True))
+             engine_of(db).url.render_as_string(hide_password=True))
     if getattr(args, "once", False):
         worker.run_once()
         return 0

@@ -187,9 +187,15 @@ def migrate(engine: Engine) -> None:
             time.sleep(0.5 * (attempt + 1))
 
 
+def engine_of(db: sessionmaker) -> Engine:
+    """The engine behind a session factory of :func:`open_database`: for a Core connection on a
+    hot path, its URL in a log line, or disposing of it at shutdown."""
+    return db.kw["bind"]
+
+
 def open_database(settings: Settings) -> sessionmaker:
     """The database the settings name, migrated to the latest revision: how the API and every
-    worker open it. The engine is ``sessionmaker.kw["bind"]`` (dispose it at shutdown)."""
+    worker open it (its engine: :func:`engine_of`; dispose it at shutdown)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
     migrate(engine)
