@@ -11,6 +11,10 @@ noise: ``--noise`` sets how far neighbourhoods overlap), float32. Measured in on
 - the whole ``knn_agreement`` column both ways (exact: extrapolated from the query sample when
   ``--exact-full`` is not given, and said so), its mean absolute difference and the share of rows
   that agree exactly;
+- with ``--index-search``, the two ways the column's neighbours can be searched side by side:
+  faiss's inverted-file index asked for every row in batches (the column's search before the
+  list-by-list join) and :func:`ivf_self_neighbors` (the list-by-list join it uses on a CPU),
+  with the share of rows whose neighbour sets are identical;
 - the index's memory (faiss keeps one float32 copy of the rows plus their int64 ids) and the peak
   resident set of the process.
 """
@@ -31,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.pipeline.neighbors import (  # noqa: E402
     IVF_PROBES,
+    SEARCH_BATCH,
     build_index,
     build_ivf_index,
+    ivf_self_neighbors,
     knn_agreement,
 )
 
@@ -58,6 +64,8 @@ def main() -> int:
     parser.add_argument("--noise", type=float, default=1.5)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--exact-full", action="store_true", help="also compute the exact column over all rows")
+    parser.add_argument("--index-search", action="store_true",
+                        help="also time faiss's index search of every row against the list-by-list join")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     x, labels = features(args.n, args.dim, args.noise)
@@ -106,6 +114,17 @@ def main() -> int:
     difference = np.abs(column - reference)
     out["column_mean_abs_difference"] = float(difference.mean())
     out["column_rows_identical"] = float(np.mean(difference < 1e-12))
+    if args.index_search:
+        t = time.perf_counter()
+        index = build_ivf_index(x)
+        searched = np.concatenate([index.search(x[i : i + SEARCH_BATCH], args.k + 1)[1] for i in range(0, args.n, SEARCH_BATCH)])
+        out["index_search_seconds"] = time.perf_counter() - t
+        del index
+        t = time.perf_counter()
+        joined = ivf_self_neighbors(x, args.k + 1)
+        out["list_join_seconds"] = time.perf_counter() - t
+        out["list_join_speedup"] = out["index_search_seconds"] / out["list_join_seconds"]
+        out["same_neighbour_sets"] = float(np.mean((np.sort(searched, axis=1) == np.sort(joined, axis=1)).all(axis=1)))
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["speedup_vs_exact"] = out["exact_column_seconds"] / out["approximate_column_seconds"]
     print(json.dumps(out, indent=1))

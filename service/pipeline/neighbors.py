@@ -2,9 +2,9 @@
 
 Cosine similarity: features are L2-normalised and searched with an inner-product index. The kNN
 label agreement of a fit searches every sample's neighbours: exactly (flat index, O(N^2 D)) up
-to ``exact_max_items`` samples, through an inverted-file index above (k-means lists, a few
-probed per query: about O(N^1.5 D)), whose recall against exact search is measured in
-docs/performance.md. The per-sample neighbor lists of the API use an exact index kept per fit
+to ``exact_max_items`` samples, through inverted files above (k-means lists, a few probed per
+query: about O(N^1.5 D); on a CPU joined list by list, :mod:`service.pipeline.list_join`), whose
+recall against exact search is measured in docs/performance.md. The per-sample neighbor lists of the API use an exact index kept per fit
 (:class:`IndexCache`).
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from service.domain import KnnSearch
 from service.errors import TooLarge
+from service.pipeline.list_join import list_top_k
 from service.statistics import normalize_features
 from service.storage.embeddings import EmbeddingStore
 
@@ -65,11 +66,10 @@ def knn_search(n: int, exact_max_items: int) -> KnnSearch:
     return KnnSearch.EXACT if n <= exact_max_items else KnnSearch.APPROXIMATE
 
 
-def build_ivf_index(features: np.ndarray):  # type: ignore[no-untyped-def]
-    """An inverted-file inner-product index over (normalised) float32 rows, trained on them
-    (faiss subsamples the training rows with its fixed seed: the same lists on every run)."""
+def _trained_ivf(x: np.ndarray):  # type: ignore[no-untyped-def]
+    """An empty inverted-file inner-product index whose lists are trained on ``x`` (faiss
+    subsamples the training rows with its fixed seed: the same lists on every run)."""
     faiss = _faiss()
-    x = np.ascontiguousarray(features, dtype=np.float32)
     n, dim = x.shape
     lists = int(max(1, min(IVF_LISTS_PER_SQRT_N * np.sqrt(n), n // 8)))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
@@ -77,11 +77,40 @@ def build_ivf_index(features: np.ndarray):  # type: ignore[no-untyped-def]
     index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
     index.cp.min_points_per_centroid = 1  # no warning: few points per list is the intent
     index.train(x)
-    index.add(x)
     index.nprobe = min(IVF_PROBES, lists)
-    if _gpu_count() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
     return index
+
+
+def build_ivf_index(features: np.ndarray):  # type: ignore[no-untyped-def]
+    """An inverted-file inner-product index over (normalised) float32 rows, trained on them."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    index = _trained_ivf(x)
+    index.add(x)
+    if _gpu_count() > 0:
+        index = _faiss().index_cpu_to_all_gpus(index)
+    return index
+
+
+def ivf_self_neighbors(
+    features: np.ndarray, k: int, progress: Callable[[int], None] | None = None
+) -> np.ndarray:
+    """(N, k) rows of each row's k most similar rows (itself normally first; -1 where its probed
+    lists hold fewer), as the inverted-file index of :func:`build_ivf_index` finds them. On a
+    CPU every list meets all its queries in one product (:mod:`service.pipeline.list_join`, the
+    same candidates and answer, 5-10x faster); a GPU index searches them in batches."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    n = x.shape[0]
+    if _gpu_count() > 0:
+        index = build_ivf_index(x)
+        parts = []
+        for start in range(0, n, SEARCH_BATCH):
+            parts.append(index.search(x[start : start + SEARCH_BATCH], k)[1])
+            if progress:
+                progress(min(start + SEARCH_BATCH, n))
+        return np.concatenate(parts)
+    index = _trained_ivf(x)
+    _, probes = index.quantizer.search(x, index.nprobe)
+    return list_top_k(x, probes, k, progress)[1]
 
 
 def knn_agreement(
@@ -100,28 +129,39 @@ def knn_agreement(
         return np.full(n, np.nan)
     k = min(k, n - 1)
     x = np.ascontiguousarray(unit_features, dtype=np.float32)
-    exact = exact_max_items is None or knn_search(n, exact_max_items) is KnnSearch.EXACT
-    index = build_index(x) if exact else build_ivf_index(x)
     _, label_codes = np.unique(labels, return_inverse=True)
     out = np.empty(n)
-    for start in range(0, n, SEARCH_BATCH):
-        stop = min(start + SEARCH_BATCH, n)
-        _, neighbors = index.search(x[start:stop], k + 1)
-        rows = np.arange(start, stop)
-        # Drop the sample itself (normally the first hit; duplicates may reorder ties), and the
-        # empty slots (-1) an inverted-file search leaves when its probed lists hold too few rows.
-        found = neighbors >= 0
-        is_self = neighbors == rows[:, None]
-        keep = found & ~is_self
-        too_many = keep.sum(axis=1) > k  # self not found: drop the farthest found instead
-        last = np.where(too_many, found.sum(axis=1) - 1, -1)
-        keep[np.flatnonzero(too_many), last[too_many]] = False
-        same = (label_codes[np.where(keep, neighbors, 0)] == label_codes[rows, None]) & keep
-        with np.errstate(invalid="ignore"):
-            out[start:stop] = same.sum(axis=1) / keep.sum(axis=1)
-        if progress:
-            progress(stop)
+    if exact_max_items is not None and knn_search(n, exact_max_items) is KnnSearch.APPROXIMATE:
+        neighbors = ivf_self_neighbors(x, k + 1, progress)
+        for start in range(0, n, SEARCH_BATCH):
+            stop = min(start + SEARCH_BATCH, n)
+            out[start:stop] = _agreement(neighbors[start:stop], start, label_codes, k)
+    else:
+        index = build_index(x)
+        for start in range(0, n, SEARCH_BATCH):
+            stop = min(start + SEARCH_BATCH, n)
+            out[start:stop] = _agreement(index.search(x[start:stop], k + 1)[1], start, label_codes, k)
+            if progress:
+                progress(stop)
+    if progress:
+        progress(n)
     return out
+
+
+def _agreement(neighbors: np.ndarray, start: int, label_codes: np.ndarray, k: int) -> np.ndarray:
+    """The label agreement of rows ``start, start + 1, ...`` from their k + 1 nearest rows."""
+    rows = np.arange(start, start + neighbors.shape[0])
+    # Drop the sample itself (normally the first hit; duplicates may reorder ties), and the
+    # empty slots (-1) an inverted-file search leaves when its probed lists hold too few rows.
+    found = neighbors >= 0
+    is_self = neighbors == rows[:, None]
+    keep = found & ~is_self
+    too_many = keep.sum(axis=1) > k  # self not found: drop the farthest found instead
+    last = np.where(too_many, found.sum(axis=1) - 1, -1)
+    keep[np.flatnonzero(too_many), last[too_many]] = False
+    same = (label_codes[np.where(keep, neighbors, 0)] == label_codes[rows, None]) & keep
+    with np.errstate(invalid="ignore"):
+        return same.sum(axis=1) / keep.sum(axis=1)
 
 
 # Bytes an index holds per row besides its feature copies: the ``row_of`` entry (key string,
