@@ -2,11 +2,11 @@
 a time: the kNN column's search above the exact limit on a CPU.
 
 Same answer as asking an inverted-file index (faiss ``IndexIVFFlat``) for each row's neighbours
-with the same lists and probes, at a fraction of the cost when every row is also a query. The
+with the same lists and probes, in under half the time when every row is also a query. The
 index scans each query's probed lists on its own, reading every member's features again for every
-query that probes the list (at 1M x 512 with 8 of 4,000 lists probed: 4 TB of memory reads, 95%
-of the kNN column). Here every list meets all the queries that probe it in one matrix product, so
-its members are read once and the work runs at GEMM speed.
+query that probes the list (at 1M x 512 with 8 of 4,000 lists probed: 4 TB of memory reads).
+Here every list meets all the queries that probe it in one matrix product, so its members are
+read once (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ def ivf_self_neighbors(
     """(N, k) rows of each row's k most similar rows (itself normally first; -1 where its probed
     lists hold fewer), as the inverted-file index of :func:`build_ivf_index` finds them. On a
     CPU every list meets all its queries in one product (:mod:`service.pipeline.list_join`, the
-    same candidates and answer, 5-10x faster); a GPU index searches them in batches."""
+    same candidates and answer; 2.1x faster at 200k x 512, 2.25x at 1M); a GPU index searches
+    them in batches."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     n = x.shape[0]
     if _gpu_count() > 0:
