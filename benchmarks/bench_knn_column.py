@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.pipeline.neighbors import (  # noqa: E402
     IVF_PROBES,
-    SEARCH_BATCH,
     build_index,
     build_ivf_index,
     ivf_self_neighbors,
     knn_agreement,
+    search_every_row,
 )
 
 
@@ -117,7 +117,7 @@ def main() -> int:
     if args.index_search:
         t = time.perf_counter()
         index = build_ivf_index(x)
-        searched = np.concatenate([index.search(x[i : i + SEARCH_BATCH], args.k + 1)[1] for i in range(0, args.n, SEARCH_BATCH)])
+        searched = search_every_row(index, x, args.k + 1)
         out["index_search_seconds"] = time.perf_counter() - t
         del index
         t = time.perf_counter()

@@ -4,8 +4,8 @@ Cosine similarity: features are L2-normalised and searched with an inner-product
 label agreement of a fit searches every sample's neighbours: exactly (flat index, O(N^2 D)) up
 to ``exact_max_items`` samples, through inverted files above (k-means lists, a few probed per
 query: about O(N^1.5 D); on a CPU joined list by list, :mod:`service.pipeline.list_join`), whose
-recall against exact search is measured in docs/performance.md. The per-sample neighbor lists of the API use an exact index kept per fit
-(:class:`IndexCache`).
+recall against exact search is measured in docs/performance.md. The per-sample neighbor lists
+of the API use an exact index kept per fit (:class:`IndexCache`).
 """
 
 from __future__ import annotations
@@ -100,15 +100,8 @@ def ivf_self_neighbors(
     same candidates and answer; 2.1x faster at 200k x 512, 2.25x at 1M); a GPU index searches
     them in batches."""
     x = np.ascontiguousarray(features, dtype=np.float32)
-    n = x.shape[0]
     if _gpu_count() > 0:
-        index = build_ivf_index(x)
-        parts = []
-        for start in range(0, n, SEARCH_BATCH):
-            parts.append(index.search(x[start : start + SEARCH_BATCH], k)[1])
-            if progress:
-                progress(min(start + SEARCH_BATCH, n))
-        return np.concatenate(parts)
+        return search_every_row(build_ivf_index(x), x, k, progress)
     index = _trained_ivf(x)
     _, probes = index.quantizer.search(x, index.nprobe)
     return list_top_k(x, probes, k, progress)[1]
@@ -130,39 +123,34 @@ def knn_agreement(
         return np.full(n, np.nan)
     k = min(k, n - 1)
     x = np.ascontiguousarray(unit_features, dtype=np.float32)
-    _, label_codes = np.unique(labels, return_inverse=True)
-    out = np.empty(n)
-    if exact_max_items is not None and knn_search(n, exact_max_items) is KnnSearch.APPROXIMATE:
+    approximate = exact_max_items is not None and knn_search(n, exact_max_items) is KnnSearch.APPROXIMATE
+    if approximate:
         neighbors = ivf_self_neighbors(x, k + 1, progress)
-        for start in range(0, n, SEARCH_BATCH):
-            stop = min(start + SEARCH_BATCH, n)
-            out[start:stop] = _agreement(neighbors[start:stop], start, label_codes, k)
     else:
-        index = build_index(x)
-        for start in range(0, n, SEARCH_BATCH):
-            stop = min(start + SEARCH_BATCH, n)
-            out[start:stop] = _agreement(index.search(x[start:stop], k + 1)[1], start, label_codes, k)
-            if progress:
-                progress(stop)
+        neighbors = search_every_row(build_index(x), x, k + 1, progress)
     if progress:
         progress(n)
-    return out
-
-
-def _agreement(neighbors: np.ndarray, start: int, label_codes: np.ndarray, k: int) -> np.ndarray:
-    """The label agreement of rows ``start, start + 1, ...`` from their k + 1 nearest rows."""
-    rows = np.arange(start, start + neighbors.shape[0])
+    _, label_codes = np.unique(labels, return_inverse=True)
+    rows = np.arange(n)
     # Drop the sample itself (normally the first hit; duplicates may reorder ties), and the
     # empty slots (-1) an inverted-file search leaves when its probed lists hold too few rows.
     found = neighbors >= 0
-    is_self = neighbors == rows[:, None]
-    keep = found & ~is_self
+    keep = found & (neighbors != rows[:, None])
     too_many = keep.sum(axis=1) > k  # self not found: drop the farthest found instead
-    last = np.where(too_many, found.sum(axis=1) - 1, -1)
-    keep[np.flatnonzero(too_many), last[too_many]] = False
-    same = (label_codes[np.where(keep, neighbors, 0)] == label_codes[rows, None]) & keep
+    keep[np.flatnonzero(too_many), found.sum(axis=1)[too_many] - 1] = False
+    same = (label_codes[np.where(keep, neighbors, 0)] == label_codes[:, None]) & keep
     with np.errstate(invalid="ignore"):
         return same.sum(axis=1) / keep.sum(axis=1)
+
+
+def search_every_row(index, x: np.ndarray, k: int, progress: Callable[[int], None] | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(N, k) rows of each row's k most similar rows by ``index``, searched in batches."""
+    parts = []
+    for start in range(0, x.shape[0], SEARCH_BATCH):
+        parts.append(index.search(x[start : start + SEARCH_BATCH], k)[1])
+        if progress:
+            progress(min(start + SEARCH_BATCH, x.shape[0]))
+    return np.concatenate(parts)
 
 
 # Bytes an index holds per row besides its feature copies: the ``row_of`` entry (key string,
