@@ -43,18 +43,23 @@ def bench_case(
     torch.manual_seed(0)
     n_train = 50_000  # weight table of a CIFAR-sized training set
     base = build_model(model_name, channels, 10, side).to(device)
-    models = {"ce": base, "difficulty": copy.deepcopy(base)}
-    losses = {
-        "ce": CrossEntropyLoss().to(device),
-        "difficulty": DifficultyAwareLoss.from_scores(torch.randn(n_train).numpy()).to(device),
-    }
+    difficulty = DifficultyAwareLoss.from_scores(torch.randn(n_train).numpy()).to(device)
+    losses = {"ce": CrossEntropyLoss().to(device), "difficulty": difficulty}
+    if args.torch_ops:
+        # The same loss through torch ops only (what a GPU runs), to show what the CPU kernel buys.
+        losses["difficulty_torch_ops"] = lambda z, y, i: difficulty.per_sample(z, y, i).mean()
+    if args.control:
+        # A second CE arm: its ratio to the first is the method's own bias and noise.
+        losses["ce_control"] = CrossEntropyLoss().to(device)
+    # Every arm its own copy (the first model built is not special in memory either).
+    models = {k: copy.deepcopy(base) for k in losses}
     opts = {
         k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         for k, m in models.items()
     }
     x = torch.randn(args.batch_size, channels, side, side, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    times: dict[str, list[float]] = {"ce": [], "difficulty": []}
+    times: dict[str, list[float]] = {k: [] for k in losses}
 
     def step(kind: str) -> float:
         idx = torch.randint(0, n_train, (args.batch_size,), device=device)
@@ -67,19 +72,23 @@ def bench_case(
         sync(device)
         return time.perf_counter() - t0
 
+    kinds = list(losses)
     for _ in range(args.warmup):
-        step("ce")
-        step("difficulty")
+        for kind in kinds:
+            step(kind)
     for i in range(args.steps):
-        # Alternate which goes first so neither always runs on a warmer cache.
-        order = ("ce", "difficulty") if i % 2 == 0 else ("difficulty", "ce")
-        for kind in order:
+        # Rotate which goes first so none always runs on a warmer cache.
+        for kind in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:
             times[kind].append(step(kind))
-    ce, da = statistics.median(times["ce"]), statistics.median(times["difficulty"])
-    # Each DA step against the CE step next to it in time: on a shared machine, load changes
-    # from second to second, and a paired ratio cancels most of it.
-    paired = statistics.median(d / c for d, c in zip(times["difficulty"], times["ce"], strict=True))
-    return {"ce_ms": ce * 1e3, "difficulty_ms": da * 1e3, "ratio": da / ce, "paired_ratio": paired}
+    ce = statistics.median(times["ce"])
+    row = {"ce_ms": ce * 1e3}
+    for kind in kinds[1:]:
+        da = statistics.median(times[kind])
+        # Each DA step against the CE step next to it in time: on a shared machine, load changes
+        # from second to second, and a paired ratio cancels most of it.
+        paired = statistics.median(d / c for d, c in zip(times[kind], times["ce"], strict=True))
+        row |= {f"{kind}_ms": da * 1e3, f"{kind}_ratio": da / ce, f"{kind}_paired_ratio": paired}
+    return row
 
 
 def main() -> None:
@@ -92,6 +101,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument(
+        "--torch-ops",
+        action="store_true",
+        help="also time the difficulty-aware loss built from torch ops (the GPU path) on the CPU",
+    )
+    parser.add_argument(
+        "--control", action="store_true", help="also time a second CE model (the noise floor)"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -104,15 +121,26 @@ def main() -> None:
         f"device={device} batch={args.batch_size} steps={args.steps} threads={torch.get_num_threads()} "
         f"(median per step); load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
     )
-    print(f"{'case':<22}{'CE ms':>10}{'DA ms':>10}{'DA/CE':>8}{'paired':>8}")
+    labels = {"difficulty": "DA ms", "difficulty_torch_ops": "ops ms", "ce_control": "CE2 ms"}
+    arms = [
+        arm
+        for arm, on in (
+            ("difficulty", True),
+            ("difficulty_torch_ops", args.torch_ops),
+            ("ce_control", args.control),
+        )
+        if on
+    ]
+    header = "".join(f"{labels[arm]:>10}{'/CE':>7}{'paired':>8}" for arm in arms)
+    print(f"{'case':<22}{'CE ms':>10}{header}")
     for name in args.cases:
         row = bench_case(*CASES[name], args, device)
         rows[name] = row
-        print(
-            f"{name:<22}{row['ce_ms']:>10.2f}{row['difficulty_ms']:>10.2f}{row['ratio']:>8.3f}"
-            f"{row['paired_ratio']:>8.3f}",
-            flush=True,
+        cells = "".join(
+            f"{row[f'{arm}_ms']:>10.2f}{row[f'{arm}_ratio']:>7.3f}{row[f'{arm}_paired_ratio']:>8.3f}"
+            for arm in arms
         )
+        print(f"{name:<22}{row['ce_ms']:>10.2f}{cells}", flush=True)
     load_after = os.getloadavg()
     print(f"load average after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if args.json:

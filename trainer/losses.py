@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.kernels import difficulty_aware_loss_cpu
 from trainer.weights import DEFAULT_MAPPING, difficulty_weights
 
 # The default strength: with the default mapping, the alpha of {0.3, 1, 3} with the lowest mean
@@ -99,15 +100,12 @@ class ConfidencePenaltyLoss(SampleLoss):
 class DifficultyAwareLoss(SampleLoss):
     """``CE - alpha * w_i * H(p_i)`` with per-sample weights looked up by training-set index.
 
-    The weight table is a buffer (moves with ``.to(device)``), computed once; a step adds one
-    ``index_select`` and an entropy that shares CE's log-softmax, all built-in ops.
-
-    Why built-in ops and not a hand-written backward (which this loss had before): a
-    ``torch.autograd.Function`` runs its forward and backward in Python, which on a small
-    model's CPU step (an MLP, ~1.6 ms) cost more than the few extra kernels autograd runs in
-    C++; and ``weights[indices]`` (advanced indexing) cost about three times ``index_select``.
-    Together they made the MLP step 1.09-1.10x CE; without them 1.06-1.08x, alternating runs
-    on the same loaded 2-core machine (docs/trainer.md, "Step time"; docs/bench_trainer_step_cpu.txt).
+    The weight table is a buffer (moves with ``.to(device)``), computed once. On the CPU the
+    batch loss is one compiled pass (:mod:`trainer.kernels`): built from torch ops it made a
+    small MLP's step 1.10-1.12x cross-entropy's, fused 1.03-1.05x (docs/trainer.md, "Step
+    time"). Elsewhere (a GPU, other dtypes) and for :meth:`per_sample`, torch ops: one
+    ``index_select`` (a third of ``weights[indices]``'s cost) and an entropy that shares CE's
+    log-softmax.
     """
 
     weights: Tensor
@@ -124,7 +122,7 @@ class DifficultyAwareLoss(SampleLoss):
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.register_buffer("weights", w)
-        self.alpha = alpha
+        self.alpha = float(alpha)
 
     @classmethod
     def from_scores(
@@ -138,12 +136,17 @@ class DifficultyAwareLoss(SampleLoss):
         named mapping of :mod:`trainer.weights` (``params``: its temperature or quantiles)."""
         return cls(difficulty_weights(scores, mapping, **params), alpha=alpha)
 
+    def forward(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
+        if indices is None:
+            raise _missing_indices()
+        fused = difficulty_aware_loss_cpu(logits, targets, self.weights, indices, self.alpha)
+        if fused is None:
+            return self.per_sample(logits, targets, indices).mean()
+        return fused
+
     def per_sample(self, logits: Tensor, targets: Tensor, indices: Tensor | None = None) -> Tensor:
         if indices is None:
-            raise ValueError(
-                "DifficultyAwareLoss needs the batch's sample indices: wrap the dataset in "
-                "trainer.data.ScoredDataset and pass its third item to the loss"
-            )
+            raise _missing_indices()
         if indices.device != self.weights.device:
             indices = indices.to(self.weights.device)
         w = self.weights.index_select(0, indices)
@@ -157,6 +160,13 @@ class DifficultyAwareLoss(SampleLoss):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, n={self.weights.numel()}"
+
+
+def _missing_indices() -> ValueError:
+    return ValueError(
+        "DifficultyAwareLoss needs the batch's sample indices: wrap the dataset in "
+        "trainer.data.ScoredDataset and pass its third item to the loss"
+    )
 
 
 LOSS_NAMES = ("ce", "ls", "focal", "er", "difficulty")
