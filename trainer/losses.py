@@ -102,7 +102,7 @@ class DifficultyAwareLoss(SampleLoss):
 
     The weight table is a buffer (moves with ``.to(device)``), computed once. On the CPU the
     batch loss is one compiled pass (:mod:`trainer.kernels`): built from torch ops it made a
-    small MLP's step 1.10-1.12x cross-entropy's, fused 1.03-1.05x (docs/trainer.md, "Step
+    small MLP's step 1.12-1.16x cross-entropy's, fused 1.02-1.04x (docs/trainer.md, "Step
     time"). Elsewhere (a GPU, other dtypes) and for :meth:`per_sample`, torch ops: one
     ``index_select`` (a third of ``weights[indices]``'s cost) and an entropy that shares CE's
     log-softmax.
