@@ -13,7 +13,7 @@ nvidia-smi -L || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 echo "== step time: CE vs difficulty-aware (GPU) =="
-timeout 90 "$PY" benchmarks/bench_trainer_step.py --device cuda --steps 200 --batch-size 128 \
+timeout 90 "$PY" benchmarks/bench_trainer_step.py --device cuda --steps 200 --batch-size 128 --control \
   --json "$OUT/step_gpu.json"
 
 echo "== EfficientNet-Lite0 scores for Fashion-MNIST train (60k) =="
