@@ -174,3 +174,14 @@ def test_compiles_without_a_writable_cache(monkeypatch):
         assert value.item() == pytest.approx(reference(logits, targets, table, indices, 1.0)[0])
     finally:
         kernels._compiled.cache_clear()
+
+
+def test_tensors_off_the_cpu_take_the_torch_ops_path():
+    # What a GPU gets, shown on the meta device (shapes without data): never the numpy kernel.
+    loss = DifficultyAwareLoss(torch.rand(50)).to("meta")
+    logits = torch.empty(8, 10, device="meta", requires_grad=True)
+    targets = torch.zeros(8, dtype=torch.int64, device="meta")
+    indices = torch.zeros(8, dtype=torch.int64, device="meta")
+    assert difficulty_aware_loss_cpu(logits, targets, loss.weights, indices, 1.0) is None
+    out = loss(logits, targets, indices)
+    assert out.device.type == "meta" and "DifficultyAwareCPU" not in type(out.grad_fn).__name__
