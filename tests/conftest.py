@@ -69,6 +69,18 @@ def blobs(n: int, dim: int = 8, classes: int = 3, seed: int = 0):  # type: ignor
     return features, labels
 
 
+def upload_blobs(client, n: int, name: str = "blobs") -> str:  # type: ignore[no-untyped-def]
+    """A dataset of ``blobs(n)`` uploaded as embeddings (encoder ``feats``); its ID."""
+    features, labels = blobs(n)
+    dataset_id = client.post("/v1/datasets", json={"name": name, "encoder": "feats"}).json()["id"]
+    response = client.post(
+        f"/v1/datasets/{dataset_id}/embeddings",
+        files={"embeddings": ("e.npy", npy(features)), "labels": ("l", "\n".join(map(str, labels)))},
+    )
+    assert response.status_code == 201, response.text
+    return dataset_id
+
+
 # -- comparing the score tables of two fits (topology and container tests) ----------------------
 
 SCORE_FLOAT_COLUMNS = ("rmd", "md_class", "md_agnostic", "rmd_min")

@@ -7,29 +7,16 @@ Cost: ~5 s (four small fits in an in-process app).
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-from conftest import blobs, make_settings, wait_for_job
+from conftest import make_settings, upload_blobs, wait_for_job
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.api.app import create_app
 from service.storage.database import Fit, new_id
-
-
-def _dataset(c: TestClient, n: int = 120) -> str:
-    features, labels = blobs(n)
-    buffer = io.BytesIO()
-    np.save(buffer, features)
-    dataset_id = c.post("/v1/datasets", json={"name": "d", "encoder": "feats"}).json()["id"]
-    response = c.post(f"/v1/datasets/{dataset_id}/embeddings",
-                      files={"embeddings": ("e.npy", buffer.getvalue()), "labels": ("l", "\n".join(map(str, labels)))})
-    assert response.status_code == 201, response.text
-    return dataset_id
 
 
 def _fit(c: TestClient, dataset_id: str) -> str:
@@ -51,8 +38,8 @@ def _folders_when(fits_dir: Path, expected: set[str], timeout: float = 10.0) -> 
 def test_superseded_fits_are_retired_beyond_the_kept_number(tmp_path):
     data_dir = tmp_path / "data"
     with TestClient(create_app(make_settings(data_dir, keep_fits=1))) as c:
-        dataset_id = _dataset(c)
-        other_id = _dataset(c)
+        dataset_id = upload_blobs(c, 120, "d")
+        other_id = upload_blobs(c, 120, "d")
         other_fit = _fit(c, other_id)
         fits = [_fit(c, dataset_id) for _ in range(3)]
         # The worker removes retired folders just after the commit that makes the job read as
@@ -93,7 +80,7 @@ def test_orphaned_folders_are_collected_at_start_up_after_the_grace_period(tmp_p
     data_dir = tmp_path / "data"
     settings = make_settings(data_dir, orphan_grace_seconds=600)
     with TestClient(create_app(settings)) as c:
-        dataset_id = _dataset(c)
+        dataset_id = upload_blobs(c, 120, "d")
         fit_id = _fit(c, dataset_id)
     root = data_dir / "datasets" / dataset_id
     (upload_folder,) = (root / "uploads").iterdir()
@@ -122,7 +109,7 @@ def test_a_database_that_knows_no_dataset_folder_sweeps_none(tmp_path):
     dataset folder for an orphan."""
     data_dir = tmp_path / "data"
     with TestClient(create_app(make_settings(data_dir))) as c:
-        dataset_id = _dataset(c)
+        dataset_id = upload_blobs(c, 120, "d")
     _age(data_dir / "datasets", 3600)
     other = make_settings(data_dir, database_url=f"sqlite:///{tmp_path / 'other.db'}", orphan_grace_seconds=600)
     with TestClient(create_app(other)):

@@ -7,11 +7,8 @@ Cost: two in-process apps, ~3 s and ~4 s (the test-only chunk delay makes the jo
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-from conftest import blobs, make_settings, wait_for_job
+from conftest import make_settings, upload_blobs, wait_for_job
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
@@ -21,23 +18,12 @@ from service.jobs import queue
 from service.jobs.context import JobContext, JobStopped
 
 
-def _slow_dataset(c: TestClient, n: int) -> str:
-    features, labels = blobs(n)
-    buffer = io.BytesIO()
-    np.save(buffer, features)
-    dataset_id = c.post("/v1/datasets", json={"name": "slow", "encoder": "feats"}).json()["id"]
-    response = c.post(f"/v1/datasets/{dataset_id}/embeddings",
-                      files={"embeddings": ("e.npy", buffer.getvalue()), "labels": ("l", "\n".join(map(str, labels)))})
-    assert response.status_code == 201, response.text
-    return dataset_id
-
-
 def test_job_past_its_maximum_run_time_is_stopped_and_failed(tmp_path):
     # 40 chunks x 0.3 s without the limit; the limit is 1 s: stopped at a chunk boundary.
     settings = make_settings(tmp_path / "data", max_job_seconds=1.0, chunk_rows=50, chunk_delay_seconds=0.3,
                              heartbeat_seconds=0.2)
     with TestClient(create_app(settings)) as c:
-        dataset_id = _slow_dataset(c, 2000)
+        dataset_id = upload_blobs(c, 2000, "slow")
         job = wait_for_job(c, c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"], timeout=60)
         assert job["state"] == "failed", job
         assert "DIFFICULTY_MAX_JOB_SECONDS" in job["error"]
@@ -53,7 +39,7 @@ def test_stuck_job_is_failed_by_the_heartbeat(tmp_path):
     settings = make_settings(tmp_path / "data", max_job_seconds=0.5, lease_seconds=1.0, chunk_rows=50,
                              chunk_delay_seconds=6.0, heartbeat_seconds=0.2)
     with TestClient(create_app(settings)) as c:
-        dataset_id = _slow_dataset(c, 200)
+        dataset_id = upload_blobs(c, 200, "slow")
         job = wait_for_job(c, c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"], timeout=60)
         # Failed by the heartbeat, not by the job reaching its check after the sleep.
         assert job["state"] == "failed" and "did not stop when asked" in job["error"], job
@@ -65,7 +51,7 @@ def test_job_without_progress_is_stopped_as_stuck(tmp_path):
     settings = make_settings(tmp_path / "data", job_stall_seconds=0.5, lease_seconds=1.0, chunk_rows=50,
                              chunk_delay_seconds=6.0, heartbeat_seconds=0.2)
     with TestClient(create_app(settings)) as c:
-        dataset_id = _slow_dataset(c, 200)
+        dataset_id = upload_blobs(c, 200, "slow")
         job = wait_for_job(c, c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"], timeout=60)
         assert job["state"] == "failed", job
         assert "DIFFICULTY_JOB_STALL_SECONDS" in job["error"] and "did not stop when asked" in job["error"], job
@@ -106,7 +92,7 @@ def test_a_fit_is_stopped_inside_its_scoring_stage(tmp_path, monkeypatch, via):
     monkeypatch.setattr(fit_job, "STOP_POLL_SECONDS", 0.0)
     settings = make_settings(tmp_path / "data", chunk_rows=10)
     with TestClient(create_app(settings, run_worker=False)) as c:
-        dataset_id = _slow_dataset(c, 600)
+        dataset_id = upload_blobs(c, 600, "slow")
         job_id = c.post(f"/v1/datasets/{dataset_id}/fit").json()["job_id"]
         db = c.app.state.ctx.db
         job = queue.claim(db, "test-worker", lease_seconds=60)
