@@ -31,7 +31,14 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 OK, LENGTHS, BAD_TARGET, BAD_INDEX = 0, 1, 2, 3
 
 
-def _loss_and_grad(logits, targets, table, indices, alpha, grad):  # type: ignore[no-untyped-def]
+def _loss_and_grad(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    table: np.ndarray,
+    indices: np.ndarray,
+    alpha: float,
+    grad: np.ndarray,
+) -> tuple[float, int, int]:
     """Mean over rows of ``-log p_y + alpha * w * sum_k p_k log p_k``; ``grad`` receives
     its gradient wrt the logits. Returns ``(loss, status, row)``: numba cannot raise an
     error that carries a value, so the caller raises it from the status and row."""
