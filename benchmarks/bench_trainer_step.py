@@ -1,13 +1,16 @@
 """Training-step time: difficulty-aware loss vs plain cross-entropy, side by side in one run.
 
-A step = forward + loss + backward + optimiser step on one batch. CE and difficulty-aware steps
-alternate (two identical models, same batches) so drift on a shared machine hits both equally;
-the table shows medians, their ratio, and the median of the paired per-step ratios. The budget: difficulty-aware <= 1.05 x CE. The weights
-come from the default mapping; any mapping gives the same step, since the weights are a
-table computed once before training and a step only gathers from it.
+A step = forward + loss + backward + optimiser step on one batch. Each arm (CE, difficulty-aware,
+and optionally the same loss from torch ops and a second CE) trains its own copy of one model on
+the same batches, the arms rotating step by step so drift on a shared machine hits all equally;
+the table shows medians, their ratio to CE, and the median of the paired per-step ratios. The
+budget: difficulty-aware <= 1.05 x CE. The weights come from the default mapping; any mapping
+gives the same step, since the weights are a table computed once before training and a step
+only gathers from it.
 
-    python benchmarks/bench_trainer_step.py                       # CPU: small CNN + ResNet-18
-    python benchmarks/bench_trainer_step.py --device cuda --steps 200 --batch-size 128
+    python benchmarks/bench_trainer_step.py                       # CPU: MLP, small CNN, ResNet-18
+    python benchmarks/bench_trainer_step.py --threads 1 --steps 3000 --cases 'mlp 1x28x28' --torch-ops --control
+    python benchmarks/bench_trainer_step.py --device cuda --steps 200 --batch-size 128 --control
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# The arms besides CE, with their column labels, in table order.
+ARM_LABELS = {"difficulty": "DA ms", "difficulty_torch_ops": "ops ms", "ce_control": "CE2 ms"}
+
+
+def arms(args: argparse.Namespace) -> list[str]:
+    """The arms a run times besides CE, from its flags."""
+    on = {"difficulty": True, "difficulty_torch_ops": args.torch_ops, "ce_control": args.control}
+    return [arm for arm in ARM_LABELS if on[arm]]
+
+
 def bench_case(
     model_name: str, channels: int, side: int, args: argparse.Namespace, device: torch.device
 ) -> dict:
@@ -44,13 +57,14 @@ def bench_case(
     n_train = 50_000  # weight table of a CIFAR-sized training set
     base = build_model(model_name, channels, 10, side).to(device)
     difficulty = DifficultyAwareLoss.from_scores(torch.randn(n_train).numpy()).to(device)
-    losses = {"ce": CrossEntropyLoss().to(device), "difficulty": difficulty}
-    if args.torch_ops:
+    candidates = {
+        "difficulty": difficulty,
         # The same loss through torch ops only (what a GPU runs), to show what the CPU kernel buys.
-        losses["difficulty_torch_ops"] = lambda z, y, i: difficulty.per_sample(z, y, i).mean()
-    if args.control:
+        "difficulty_torch_ops": lambda z, y, i: difficulty.per_sample(z, y, i).mean(),
         # A second CE arm: its ratio to the first is the method's own bias and noise.
-        losses["ce_control"] = CrossEntropyLoss().to(device)
+        "ce_control": CrossEntropyLoss().to(device),
+    }
+    losses = {"ce": CrossEntropyLoss().to(device)} | {arm: candidates[arm] for arm in arms(args)}
     # Every arm its own copy (the first model built is not special in memory either).
     models = {k: copy.deepcopy(base) for k in losses}
     opts = {
@@ -121,24 +135,15 @@ def main() -> None:
         f"device={device} batch={args.batch_size} steps={args.steps} threads={torch.get_num_threads()} "
         f"(median per step); load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
     )
-    labels = {"difficulty": "DA ms", "difficulty_torch_ops": "ops ms", "ce_control": "CE2 ms"}
-    arms = [
-        arm
-        for arm, on in (
-            ("difficulty", True),
-            ("difficulty_torch_ops", args.torch_ops),
-            ("ce_control", args.control),
-        )
-        if on
-    ]
-    header = "".join(f"{labels[arm]:>10}{'/CE':>7}{'paired':>8}" for arm in arms)
+    columns = arms(args)
+    header = "".join(f"{ARM_LABELS[arm]:>10}{'/CE':>7}{'paired':>8}" for arm in columns)
     print(f"{'case':<22}{'CE ms':>10}{header}")
     for name in args.cases:
         row = bench_case(*CASES[name], args, device)
         rows[name] = row
         cells = "".join(
             f"{row[f'{arm}_ms']:>10.2f}{row[f'{arm}_ratio']:>7.3f}{row[f'{arm}_paired_ratio']:>8.3f}"
-            for arm in arms
+            for arm in columns
         )
         print(f"{name:<22}{row['ce_ms']:>10.2f}{cells}", flush=True)
     load_after = os.getloadavg()
